@@ -1,0 +1,485 @@
+"""The configuration: frozen dataclasses, ``load_config(path)`` and their validation.
+
+Every problem is reported as one :class:`~sigproxy.errors.ConfigError` whose text names
+the key path (``upstreams[1].region: ...``). Strings may use ``${VAR}`` and
+``${VAR:-default}`` (``$$`` is a literal ``$``); the expansion happens after YAML parsing,
+so a value from the environment can never inject YAML structure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
+
+import yaml
+
+from .canonical import normalize_path
+from .errors import BadRequest, ConfigError
+
+DEFAULT_MAX_BODY_BYTES = 6 * 1024 * 1024  # Function URL request payload limit
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+AuthMode = Literal["aws_iam", "none"]
+
+_NAME_RE = re.compile(r"^[a-z0-9_-]{1,64}$")
+_SERVICE_RE = re.compile(r"^[a-z0-9-]{1,64}$")
+_REGION_RE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d+$")
+_LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
+_HOSTNAME_RE = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*$")
+# Hosts whose name carries the region: Function URLs and API Gateway.
+_REGION_FROM_HOST = (
+    re.compile(r"^[a-z0-9]+\.lambda-url\.([a-z0-9-]+)\.on\.aws$"),
+    re.compile(r"^[a-z0-9]+\.execute-api\.([a-z0-9-]+)\.amazonaws\.com(\.cn)?$"),
+)
+_ENV_RE = re.compile(r"\$(?:\$|\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\})")
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    connect: float = 5.0
+    """Seconds to get a connection (TCP + TLS) to the upstream."""
+    read: float = 900.0
+    """Seconds the upstream may stay silent (Lambda functions run up to 15 minutes)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialsSpec:
+    """Where an upstream's AWS credentials come from. All empty = botocore's default chain."""
+
+    profile: str | None = None
+    role_arn: str | None = None
+    external_id: str | None = None
+    session_name: str | None = None
+    duration_seconds: int | None = None
+
+    def describe(self) -> str:
+        base = f"profile {self.profile}" if self.profile else "default chain"
+        if self.role_arn:
+            return f"assume-role {self.role_arn} via {base}"
+        return base
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    name: str
+    url: str
+    scheme: str
+    host_header: str
+    """The Host value sent (and signed): host name, plus the port when not the default."""
+    origin: str
+    """``scheme://host[:port]``: where to connect."""
+    base_path: str
+    """``""`` or the URL's own path without a trailing slash, e.g. ``/api``."""
+    path_prefix: str
+    match_host: str | None
+    region: str
+    service: str
+    auth: AuthMode
+    credentials: CredentialsSpec
+    timeout: Timeouts
+    max_body_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    listen: Listen
+    upstreams: tuple[Upstream, ...]
+    log_level: str = "info"
+    source: str = field(default="<config>", compare=False)
+
+
+def load_config(path: str, environ: Mapping[str, str] | None = None) -> Config:
+    """Read, expand and validate the YAML file at ``path``."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except OSError as exc:
+        raise ConfigError("", f"cannot read config file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("", f"config file {path} is not UTF-8 text") from None
+    return parse_config(text, source=path, environ=environ)
+
+
+def parse_config(
+    text: str, source: str = "<config>", environ: Mapping[str, str] | None = None
+) -> Config:
+    """Validate config given as YAML text."""
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError("", f"invalid YAML: {where}{exc.problem or exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError("", f"invalid YAML: {exc}") from None
+    if data is None:
+        data = {}
+    data = _expand(data, "", os.environ if environ is None else environ)
+    return _build_config(data, source)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate mapping keys instead of keeping the last one."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+class _Expanded(str):
+    """A string produced by ``${VAR}`` expansion: numeric fields may parse it."""
+
+    __slots__ = ()
+
+
+def _expand(value: Any, path: str, environ: Mapping[str, str]) -> Any:
+    if isinstance(value, str):
+        if "$" not in value:
+            return value
+
+        def sub(m: re.Match[str]) -> str:
+            if m.group(0) == "$$":
+                return "$"
+            name, default = m.group(1), m.group(2)
+            got = environ.get(name)
+            if got is None or (got == "" and default is not None):
+                if default is None:
+                    raise ConfigError(path, f"environment variable {name} is not set")
+                return default
+            return got
+
+        return _Expanded(_ENV_RE.sub(sub, value))
+    if isinstance(value, dict):
+        return {k: _expand(v, _join(path, str(k)), environ) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, f"{path}[{i}]", environ) for i, v in enumerate(value)]
+    return value
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+class _Section:
+    """A mapping being validated: typed getters that know their key path."""
+
+    def __init__(self, data: Any, path: str, allowed: tuple[str, ...]) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(path, f"must be a mapping, got {_type_name(data)}")
+        for key in data:
+            if not isinstance(key, str) or key not in allowed:
+                hint = difflib.get_close_matches(str(key), allowed, n=1)
+                extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+                known = ", ".join(allowed)
+                raise ConfigError(_join(path, str(key)), f"unknown key{extra}; known keys: {known}")
+        self.data: dict[str, Any] = data
+        self.path = path
+
+    def at(self, key: str) -> str:
+        return _join(self.path, key)
+
+    def text(self, key: str, default: str | None = None) -> str | None:
+        value = self.data.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, str):
+            raise ConfigError(self.at(key), f"must be a string, got {_type_name(value)}")
+        return str(value)
+
+    def integer(self, key: str, default: int | None, minimum: int, maximum: int) -> int | None:
+        value = self.data.get(key)
+        if value is None:
+            return default
+        if isinstance(value, _Expanded) and re.fullmatch(r"\s*-?\d+\s*", value):
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(self.at(key), f"must be an integer, got {_type_name(value)}")
+        if not minimum <= value <= maximum:
+            raise ConfigError(self.at(key), f"must be between {minimum} and {maximum}, got {value}")
+        return value
+
+    def seconds(self, key: str, default: float) -> float:
+        value = self.data.get(key)
+        if value is None:
+            return default
+        if isinstance(value, _Expanded):
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(self.at(key), f"must be a number of seconds, got {_type_name(value)}")
+        if not 0 < value <= 86400:
+            raise ConfigError(self.at(key), f"must be more than 0 and at most 86400, got {value}")
+        return float(value)
+
+    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self.text(key, default)
+        assert value is not None
+        if value not in choices:
+            raise ConfigError(self.at(key), f"must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    if isinstance(value, bool):
+        return "a boolean"
+    return {
+        "dict": "a mapping",
+        "list": "a list",
+        "str": "a string",
+        "_Expanded": "a string",
+        "int": "an integer",
+        "float": "a number",
+    }.get(type(value).__name__, type(value).__name__)
+
+
+T = TypeVar("T")
+
+
+def _optional_section(
+    parent: _Section, key: str, allowed: tuple[str, ...], build: Callable[[_Section], T], default: T
+) -> T:
+    value = parent.data.get(key)
+    if value is None:
+        return default
+    return build(_Section(value, parent.at(key), allowed))
+
+
+def _build_config(data: Any, source: str) -> Config:
+    top = _Section(data, "", ("listen", "upstreams", "log_level"))
+    listen = _optional_section(
+        top,
+        "listen",
+        ("host", "port"),
+        lambda s: Listen(
+            host=s.text("host", "127.0.0.1") or "127.0.0.1",
+            port=s.integer("port", 8080, 0, 65535) or 0,
+        ),
+        Listen(),
+    )
+    log_level = top.choice("log_level", "info", LOG_LEVELS)
+    raw_upstreams = top.data.get("upstreams")
+    if raw_upstreams is None:
+        raise ConfigError("upstreams", "is required: list at least one upstream")
+    if not isinstance(raw_upstreams, list) or not raw_upstreams:
+        raise ConfigError("upstreams", "must be a non-empty list of upstreams")
+    upstreams: list[Upstream] = []
+    names: dict[str, int] = {}
+    routes: dict[tuple[str | None, str], str] = {}
+    for i, raw in enumerate(raw_upstreams):
+        upstream = _build_upstream(_Section(raw, f"upstreams[{i}]", _UPSTREAM_KEYS))
+        if upstream.name in names:
+            raise ConfigError(
+                f"upstreams[{i}].name",
+                f"duplicate name {upstream.name!r} (also upstreams[{names[upstream.name]}])",
+            )
+        names[upstream.name] = i
+        route = (upstream.match_host, upstream.path_prefix)
+        if route in routes:
+            where = f"host {route[0]} and " if route[0] else ""
+            raise ConfigError(
+                f"upstreams[{i}].path_prefix",
+                f"{where}prefix {route[1]} are already routed to upstream {routes[route]!r}",
+            )
+        routes[route] = upstream.name
+        upstreams.append(upstream)
+    return Config(listen=listen, upstreams=tuple(upstreams), log_level=log_level, source=source)
+
+
+_UPSTREAM_KEYS = (
+    "name",
+    "url",
+    "path_prefix",
+    "host",
+    "region",
+    "service",
+    "auth",
+    "credentials",
+    "timeout",
+    "max_body_bytes",
+)
+
+
+def _build_upstream(s: _Section) -> Upstream:
+    name = s.text("name")
+    if name is None:
+        raise ConfigError(s.at("name"), "is required")
+    if not _NAME_RE.match(name):
+        raise ConfigError(s.at("name"), f"{name!r} must be 1-64 characters of a-z, 0-9, - and _")
+
+    url = s.text("url")
+    if url is None:
+        raise ConfigError(s.at("url"), "is required")
+    scheme, hostname, port, origin, host_header, base_path = _parse_url(url, s.at("url"))
+
+    prefix_raw = s.text("path_prefix", "/") or "/"
+    if not prefix_raw.startswith("/") or "?" in prefix_raw or "#" in prefix_raw:
+        raise ConfigError(s.at("path_prefix"), f"{prefix_raw!r} must be a path starting with '/'")
+    try:
+        path_prefix = normalize_path(prefix_raw)
+    except BadRequest as exc:
+        raise ConfigError(s.at("path_prefix"), exc.message) from None
+    if path_prefix != "/":
+        path_prefix = path_prefix.rstrip("/")
+
+    match_host = s.text("host")
+    if match_host is not None:
+        match_host = match_host.strip().lower().rstrip(".")
+        if not _HOSTNAME_RE.match(match_host):
+            raise ConfigError(s.at("host"), f"{match_host!r} must be a host name without a port")
+
+    service = s.text("service", "lambda") or "lambda"
+    if not _SERVICE_RE.match(service):
+        raise ConfigError(s.at("service"), f"{service!r} is not an AWS service signing name")
+
+    url_region = _region_from_host(hostname)
+    region = s.text("region")
+    if region is not None:
+        if not _REGION_RE.match(region):
+            raise ConfigError(s.at("region"), f"{region!r} is not an AWS region name")
+        if url_region is not None and url_region != region:
+            raise ConfigError(
+                s.at("region"), f"{region} does not match the region in the URL ({url_region})"
+            )
+    else:
+        region = url_region
+    auth = s.choice("auth", "aws_iam", ("aws_iam", "none"))
+    if region is None:
+        if auth == "aws_iam":
+            raise ConfigError(
+                s.at("region"),
+                "is required: it cannot be read from the URL host "
+                "(only <id>.lambda-url.<region>.on.aws and API Gateway hosts carry it)",
+            )
+        region = ""
+
+    credentials = _optional_section(s, "credentials", _CREDENTIAL_KEYS, _build_credentials, None)
+    if credentials is not None and auth == "none":
+        raise ConfigError(s.at("credentials"), "is not used when auth is none; remove it")
+
+    timeout = _optional_section(
+        s,
+        "timeout",
+        ("connect", "read"),
+        lambda t: Timeouts(connect=t.seconds("connect", 5.0), read=t.seconds("read", 900.0)),
+        Timeouts(),
+    )
+    max_body = s.integer("max_body_bytes", DEFAULT_MAX_BODY_BYTES, 0, 1 << 40)
+    assert max_body is not None
+    del port
+    return Upstream(
+        name=name,
+        url=url,
+        scheme=scheme,
+        host_header=host_header,
+        origin=origin,
+        base_path=base_path,
+        path_prefix=path_prefix,
+        match_host=match_host,
+        region=region,
+        service=service,
+        auth=auth,  # type: ignore[arg-type]
+        credentials=credentials or CredentialsSpec(),
+        timeout=timeout,
+        max_body_bytes=max_body,
+    )
+
+
+_CREDENTIAL_KEYS = ("profile", "role_arn", "external_id", "session_name", "duration_seconds")
+_ROLE_ARN_RE = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]+$")
+
+
+def _build_credentials(c: _Section) -> CredentialsSpec:
+    role_arn = c.text("role_arn")
+    if role_arn is not None and not _ROLE_ARN_RE.match(role_arn):
+        raise ConfigError(
+            c.at("role_arn"),
+            f"{role_arn!r} is not an IAM role ARN (arn:aws:iam::<account>:role/<name>)",
+        )
+    spec = CredentialsSpec(
+        profile=c.text("profile"),
+        role_arn=role_arn,
+        external_id=c.text("external_id"),
+        session_name=c.text("session_name"),
+        duration_seconds=c.integer("duration_seconds", None, 900, 43200),
+    )
+    if role_arn is None:
+        for key in ("external_id", "session_name", "duration_seconds"):
+            if c.data.get(key) is not None:
+                raise ConfigError(c.at(key), "only applies together with role_arn")
+    if spec.session_name is not None and not re.fullmatch(r"[\w+=,.@-]{2,64}", spec.session_name):
+        raise ConfigError(
+            c.at("session_name"), "must be 2-64 characters of letters, digits and +=,.@_-"
+        )
+    return spec
+
+
+def _parse_url(url: str, path: str) -> tuple[str, str, int | None, str, str, str]:
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(path, f"{url!r} is not a valid URL: {exc}") from None
+    scheme = parts.scheme.lower()
+    hostname = (parts.hostname or "").lower()
+    if scheme not in ("https", "http") or not hostname:
+        raise ConfigError(path, f"{url!r} must be an https:// URL with a host")
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError(path, "must not contain a user name or password")
+    if parts.query or parts.fragment or url.rstrip().endswith(("?", "#")):
+        raise ConfigError(path, "must not have a query string or fragment")
+    if scheme == "http" and not is_loopback(hostname):
+        raise ConfigError(
+            path,
+            f"plain http:// is only allowed for loopback hosts (127.0.0.0/8, ::1, localhost); "
+            f"use https://{parts.netloc}",
+        )
+    netloc_host = f"[{hostname}]" if ":" in hostname else hostname
+    default_port = 443 if scheme == "https" else 80
+    host_header = netloc_host if port in (None, default_port) else f"{netloc_host}:{port}"
+    origin = f"{scheme}://{host_header}"
+    try:
+        base_path = normalize_path(parts.path or "/")
+    except BadRequest as exc:
+        raise ConfigError(path, exc.message) from None
+    base_path = base_path.rstrip("/")
+    return scheme, hostname, port, origin, host_header, base_path
+
+
+def is_loopback(hostname: str) -> bool:
+    """True for localhost, 127.0.0.0/8 and ::1."""
+    if hostname == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(hostname.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _region_from_host(hostname: str) -> str | None:
+    for pattern in _REGION_FROM_HOST:
+        m = pattern.match(hostname)
+        if m:
+            return m.group(1)
+    return None

@@ -1,0 +1,116 @@
+"""The exceptions sigproxy raises, and the one place that turns them into HTTP answers.
+
+::
+
+    SigproxyError
+    ├── ConfigError                 bad config file (CLI exit 2)
+    ├── CredentialsError            no credentials at startup (CLI exit 2)
+    ├── ListenError                 the listening socket can't be opened (CLI exit 2)
+    └── ProxyError                  one request failed; carries status + JSON code
+        ├── BadRequest              400 bad_request: the request can't be forwarded faithfully
+        ├── NoRoute                 404 no_route
+        ├── BodyTooLarge            413 body_too_large
+        ├── UpstreamUnreachable     502 upstream_unreachable
+        ├── UpstreamTimeout         504 upstream_timeout
+        └── CredentialsUnavailable  503 credentials_unavailable
+
+Messages never contain secrets: they name upstreams, limits and prefixes, never
+header values, query values or credentials.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+
+class SigproxyError(Exception):
+    """Base of every error sigproxy raises on purpose."""
+
+
+class ConfigError(SigproxyError):
+    """The configuration is invalid; ``path`` names the key (``upstreams[1].region``)."""
+
+    def __init__(self, path: str, message: str) -> None:
+        self.path = path
+        self.message = message
+        super().__init__(f"{path}: {message}" if path else message)
+
+
+class CredentialsError(SigproxyError):
+    """Credentials for an upstream could not be resolved at startup."""
+
+
+class ListenError(SigproxyError):
+    """The listening socket could not be opened (port taken, address not local, ...)."""
+
+
+class ProxyError(SigproxyError):
+    """A request failed in a way the client should hear about as JSON."""
+
+    status = 500
+    code = "internal_error"
+    reason = "internal"  # bounded metric label
+
+    def __init__(self, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.extra = extra
+
+
+class BadRequest(ProxyError):
+    status = 400
+    code = "bad_request"
+    reason = "bad_request"
+
+
+class NoRoute(ProxyError):
+    status = 404
+    code = "no_route"
+    reason = "no_route"
+
+
+class BodyTooLarge(ProxyError):
+    status = 413
+    code = "body_too_large"
+    reason = "body_too_large"
+
+
+class UpstreamUnreachable(ProxyError):
+    status = 502
+    code = "upstream_unreachable"
+    reason = "upstream_unreachable"
+
+
+class UpstreamTimeout(ProxyError):
+    status = 504
+    code = "upstream_timeout"
+    reason = "upstream_timeout"
+
+
+class CredentialsUnavailable(ProxyError):
+    status = 503
+    code = "credentials_unavailable"
+    reason = "credentials"
+
+
+def error_response(
+    status: int, code: str, message: str, request_id: str | None = None, **extra: Any
+) -> web.Response:
+    """A JSON error body: ``{"error": code, "message": ..., "request_id": ..., **extra}``."""
+    body: dict[str, Any] = {"error": code, "message": message}
+    body.update(extra)
+    if request_id:
+        body["request_id"] = request_id
+    return web.Response(
+        status=status,
+        body=json.dumps(body).encode(),
+        content_type="application/json",
+    )
+
+
+def proxy_error_response(exc: ProxyError, request_id: str | None = None) -> web.Response:
+    """Map a :class:`ProxyError` to its JSON response."""
+    return error_response(exc.status, exc.code, exc.message, request_id, **exc.extra)

@@ -1,0 +1,77 @@
+"""Every Prometheus collector sigproxy has, registered on a registry the app owns.
+
+Labels are bounded: upstream names come from the config, methods from a fixed set,
+statuses are codes; never paths, hosts or ids.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+NO_UPSTREAM = "none"
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    300.0, 900.0,
+)  # fmt: skip
+
+
+def method_label(method: str) -> str:
+    """A bounded label value for an HTTP method."""
+    return method if method in _METHODS else "other"
+
+
+class Metrics:
+    """The collectors, created on ``registry`` (a fresh one per app by default)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "sigproxy_requests",
+            "Requests answered, by upstream, method and status code.",
+            ["upstream", "method", "status"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "sigproxy_request_duration_seconds",
+            "Time from request received to response finished.",
+            ["upstream"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_duration = Histogram(
+            "sigproxy_upstream_duration_seconds",
+            "Time from sending upstream to the response headers arriving.",
+            ["upstream"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge("sigproxy_requests_in_flight", "Requests being handled.", registry=r)
+        self.request_bytes = Counter(
+            "sigproxy_request_bytes", "Request body bytes sent upstream.", ["upstream"], registry=r
+        )
+        self.response_bytes = Counter(
+            "sigproxy_response_bytes",
+            "Response body bytes sent to clients.",
+            ["upstream"],
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "sigproxy_upstream_errors",
+            "Failed upstream exchanges by kind (connect, timeout, reset, tls).",
+            ["upstream", "kind"],
+            registry=r,
+        )
+        self.proxy_errors = Counter(
+            "sigproxy_proxy_errors",
+            "Error responses sigproxy produced itself, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.signing_duration = Histogram(
+            "sigproxy_signing_duration_seconds",
+            "Time spent computing SigV4 signatures.",
+            buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05),
+            registry=r,
+        )

@@ -1,0 +1,376 @@
+"""The request handler: route, read and hash the body, sign, forward, stream back."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from .canonical import normalize_path, normalize_query, split_target
+from .config import Config, Upstream
+from .credentials import CredentialSource, CredentialStore
+from .errors import (
+    BadRequest,
+    BodyTooLarge,
+    NoRoute,
+    ProxyError,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+    error_response,
+    proxy_error_response,
+)
+from .metrics import NO_UPSTREAM, Metrics, method_label
+from .routing import Router
+from .signing import EMPTY_SHA256, sign
+
+log = logging.getLogger("sigproxy.proxy")
+access_log = logging.getLogger("sigproxy.access")
+
+# RFC 9110 section 7.6.1, plus the legacy Proxy-Connection and Keep-Alive.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Request headers never passed on: the proxy sets its own Host and length, the aiohttp
+# server already answered any Expect, and forwarded-for headers are rebuilt.
+_REQUEST_DROP = HOP_BY_HOP | {
+    "host",
+    "content-length",
+    "expect",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-request-id",
+}
+_RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
+_STREAM_CHUNK = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """What is known about an upstream when the config is loaded."""
+
+    upstream: Upstream
+    credentials: CredentialSource | None
+    timeout: aiohttp.ClientTimeout
+
+
+class Proxy:
+    """Owns the route table, the client session and the per-request work."""
+
+    def __init__(self, config: Config, credentials: CredentialStore, metrics: Metrics) -> None:
+        self.config = config
+        self.router = Router(config.upstreams)
+        self.metrics = metrics
+        self._targets: dict[str, _Target] = {}
+        for upstream in config.upstreams:
+            source = credentials.get(upstream.name)
+            if upstream.auth == "aws_iam" and source is None:
+                raise ValueError(f"no credential source for aws_iam upstream {upstream.name!r}")
+            self._targets[upstream.name] = _Target(
+                upstream=upstream,
+                credentials=source,
+                timeout=aiohttp.ClientTimeout(
+                    total=None,
+                    connect=upstream.timeout.connect,
+                    sock_read=upstream.timeout.read,
+                ),
+            )
+        self._session: aiohttp.ClientSession | None = None
+
+    async def open(self) -> None:
+        """Create the shared client session (keep-alive pools, TLS verified)."""
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, enable_cleanup_closed=True),
+            auto_decompress=False,
+            # Only what the client sent goes upstream: no default Accept-Encoding,
+            # User-Agent or Content-Type of aiohttp's own.
+            skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            trust_env=False,
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """aiohttp handler for every request on the proxy port."""
+        started = time.perf_counter()
+        request_id = _request_id(request)
+        m = self.metrics
+        m.in_flight.inc()
+        upstream_name = NO_UPSTREAM
+        status = 0
+        sent = 0
+        body_len = 0
+        upstream_time: float | None = None
+        try:
+            try:
+                target_path, query = self._target_of(request)
+                match = self.router.match(request.host, target_path)
+                if match is None:
+                    raise NoRoute(
+                        "no upstream is configured for this path",
+                        path=target_path,
+                        prefixes=list(self.router.prefixes),
+                    )
+                upstream = match.upstream
+                upstream_name = upstream.name
+                target = self._targets[upstream_name]
+                body = await _read_body(request, upstream.max_body_bytes)
+                body_len = len(body)
+                outgoing = match.path + ("?" + query if query else "")
+                headers = _forward_headers(request, upstream, request_id)
+                if target.credentials is not None:
+                    creds = await target.credentials.get()
+                    t0 = time.perf_counter()
+                    digest = hashlib.sha256(body).hexdigest() if body else EMPTY_SHA256
+                    headers.update(
+                        sign(
+                            request.method,
+                            upstream.origin,
+                            outgoing,
+                            upstream.host_header,
+                            digest,
+                            creds,
+                            upstream.region,
+                            upstream.service,
+                        )
+                    )
+                    m.signing_duration.observe(time.perf_counter() - t0)
+                response, status, sent, upstream_time = await self._forward(
+                    request, target, outgoing, headers, body, request_id
+                )
+                return response
+            except ProxyError as exc:
+                status = exc.status
+                m.proxy_errors.labels(exc.reason).inc()
+                if isinstance(exc, UpstreamUnreachable | UpstreamTimeout):
+                    m.upstream_errors.labels(upstream_name, exc.extra.get("kind", "connect")).inc()
+                resp = proxy_error_response(exc, request_id)
+                resp.headers["X-Request-Id"] = request_id
+                if isinstance(exc, BodyTooLarge):
+                    # The rest of the body is never read, so this connection can't be reused.
+                    resp.force_close()
+                return resp
+            except (asyncio.CancelledError, ConnectionResetError):
+                status = 499  # client went away; nothing to answer
+                raise
+            except Exception:
+                status = 500
+                log.exception("request %s: unexpected error", request_id)
+                m.proxy_errors.labels("internal").inc()
+                resp = error_response(
+                    500, "internal_error", "sigproxy failed unexpectedly", request_id
+                )
+                resp.headers["X-Request-Id"] = request_id
+                return resp
+        finally:
+            elapsed = time.perf_counter() - started
+            m.in_flight.dec()
+            m.requests.labels(upstream_name, method_label(request.method), str(status)).inc()
+            m.request_duration.labels(upstream_name).observe(elapsed)
+            if upstream_time is not None:
+                m.upstream_duration.labels(upstream_name).observe(upstream_time)
+            if body_len:
+                m.request_bytes.labels(upstream_name).inc(body_len)
+            if sent:
+                m.response_bytes.labels(upstream_name).inc(sent)
+            access_log.info(
+                "%s %s %s %s %s in=%d out=%d total_ms=%.1f upstream_ms=%s",
+                request_id,
+                upstream_name,
+                request.method,
+                request.path,
+                status,
+                body_len,
+                sent,
+                elapsed * 1000,
+                "-" if upstream_time is None else f"{upstream_time * 1000:.1f}",
+            )
+
+    def _target_of(self, request: web.Request) -> tuple[str, str]:
+        raw_path, raw_query = split_target(request.raw_path)
+        return normalize_path(raw_path), normalize_query(raw_query)
+
+    async def _forward(
+        self,
+        request: web.Request,
+        target: _Target,
+        outgoing: str,
+        headers: CIMultiDict[str],
+        body: bytes,
+        request_id: str,
+    ) -> tuple[web.StreamResponse, int, int, float]:
+        assert self._session is not None, "Proxy.open() was not called"
+        upstream = target.upstream
+        url = URL(upstream.origin + outgoing, encoded=True)
+        sent = 0
+        t0 = time.perf_counter()
+        try:
+            async with self._session.request(
+                request.method,
+                url,
+                headers=headers,
+                data=body if body else None,
+                allow_redirects=False,
+                timeout=target.timeout,
+                compress=None,
+            ) as up:
+                upstream_time = time.perf_counter() - t0
+                response = web.StreamResponse(status=up.status, reason=up.reason)
+                _copy_response_headers(up.headers, response)
+                response.headers["X-Request-Id"] = request_id
+                if up.content_length is not None and "Transfer-Encoding" not in up.headers:
+                    response.content_length = up.content_length
+                await response.prepare(request)
+                try:
+                    async for chunk in up.content.iter_chunked(_STREAM_CHUNK):
+                        await response.write(chunk)
+                        sent += len(chunk)
+                except (TimeoutError, aiohttp.ClientError) as exc:
+                    # Headers are out; the only honest signal left is a cut connection,
+                    # so the client never mistakes a truncated body for a whole one.
+                    kind = "timeout" if isinstance(exc, asyncio.TimeoutError) else "reset"
+                    self.metrics.upstream_errors.labels(upstream.name, kind).inc()
+                    log.warning(
+                        "request %s: upstream %s failed mid-response after %d bytes (%s)",
+                        request_id,
+                        upstream.name,
+                        sent,
+                        kind,
+                    )
+                    if request.transport is not None:
+                        request.transport.abort()
+                    raise ConnectionResetError("upstream failed mid-response") from None
+                await response.write_eof()
+                return response, up.status, sent, upstream_time
+        except aiohttp.ClientSSLError as exc:
+            raise UpstreamUnreachable(
+                f"TLS handshake with upstream {upstream.name!r} failed",
+                upstream=upstream.name,
+                kind="tls",
+            ) from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise UpstreamUnreachable(
+                f"cannot connect to upstream {upstream.name!r}",
+                upstream=upstream.name,
+                kind="connect",
+            ) from exc
+        except TimeoutError as exc:
+            raise UpstreamTimeout(
+                f"upstream {upstream.name!r} did not answer in time",
+                upstream=upstream.name,
+                kind="timeout",
+            ) from exc
+        except (
+            aiohttp.ServerDisconnectedError,
+            aiohttp.ClientOSError,
+            aiohttp.ClientPayloadError,
+        ) as exc:
+            raise UpstreamUnreachable(
+                f"upstream {upstream.name!r} closed the connection",
+                upstream=upstream.name,
+                kind="reset",
+            ) from exc
+        except aiohttp.ClientResponseError as exc:
+            raise UpstreamUnreachable(
+                f"upstream {upstream.name!r} sent an invalid response",
+                upstream=upstream.name,
+                kind="reset",
+            ) from exc
+
+
+def _request_id(request: web.Request) -> str:
+    given = request.headers.get("X-Request-Id")
+    if given and _REQUEST_ID_RE.match(given):
+        return given
+    return uuid.uuid4().hex
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    """The whole request body, or :class:`BodyTooLarge` as soon as it passes ``limit``."""
+    length = request.content_length
+    if length is not None and length > limit:
+        raise BodyTooLarge(
+            f"request body of {length} bytes is over the limit of {limit} bytes",
+            limit=limit,
+        )
+    if not request.body_exists:
+        return b""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"request body is over the limit of {limit} bytes", limit=limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
+    tokens: set[str] = set()
+    for value in headers.getall("Connection", ()):
+        tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
+    return tokens
+
+
+def _forward_headers(request: web.Request, upstream: Upstream, request_id: str) -> CIMultiDict[str]:
+    """The client's headers as they go upstream (before signing)."""
+    incoming = request.headers
+    drop = _connection_tokens(incoming)
+    signed = upstream.auth == "aws_iam"
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in incoming.items():
+        lower = name.lower()
+        if lower in _REQUEST_DROP or lower in drop:
+            continue
+        # The signature is ours: the client's Authorization and any X-Amz-* it sent
+        # (a stale date, a token) would contradict it.
+        if signed and (lower == "authorization" or lower.startswith("x-amz-")):
+            continue
+        if "\r" in value or "\n" in value:
+            raise BadRequest("header values may not contain CR or LF")
+        out.add(name, value)
+    out["Host"] = upstream.host_header
+    peer = request.remote or ""
+    prior = ", ".join(incoming.getall("X-Forwarded-For", ()))
+    if peer:
+        out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+    elif prior:
+        out["X-Forwarded-For"] = prior
+    out["X-Forwarded-Proto"] = request.scheme
+    if request.host:
+        out["X-Forwarded-Host"] = request.host
+    out["X-Request-Id"] = request_id
+    return out
+
+
+def _copy_response_headers(headers: CIMultiDictProxy[str], response: web.StreamResponse) -> None:
+    drop = _connection_tokens(headers)
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower in _RESPONSE_DROP or lower in drop or lower == "x-request-id":
+            continue
+        response.headers.add(name, value)
