@@ -263,7 +263,7 @@ class Proxy:
                     )
                     if request.transport is not None:
                         request.transport.abort()
-                    raise ConnectionResetError("upstream failed mid-response") from None
+                    return response, up.status, sent, upstream_time
                 await response.write_eof()
                 return response, up.status, sent, upstream_time
         except aiohttp.ClientSSLError as exc:

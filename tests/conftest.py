@@ -1,0 +1,111 @@
+from __future__ import annotations
+
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from prometheus_client import CollectorRegistry
+
+from sigproxy.app import create_app, make_runner
+from sigproxy.config import Config, parse_config
+from sigproxy.credentials import CredentialSource, CredentialStore
+
+from .support import ACCESS_KEY, SECRET_KEY, SESSION_TOKEN, FakeFunctionUrl
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+
+@pytest.fixture(autouse=True)
+def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, str]:
+    """No test sees the developer's AWS setup, and botocore never probes instance
+    metadata (no traffic may leave loopback)."""
+    import os
+
+    for name in list(os.environ):
+        if name.startswith(("AWS_", "SIGPROXY_")):
+            monkeypatch.delenv(name)
+    env = {
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_CONFIG_FILE": str(tmp_path / "aws-config"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "aws-credentials"),
+    }
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return env
+
+
+@pytest.fixture
+async def upstream(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> FakeFunctionUrl:
+    """A running fake Function URL; ``upstream.port`` is its port."""
+    fake = FakeFunctionUrl()
+    server = await aiohttp_server(fake.app())
+    fake.port = server.port
+    return fake
+
+
+def static_source() -> CredentialSource:
+    return CredentialSource.static(ACCESS_KEY, SECRET_KEY, SESSION_TOKEN)
+
+
+@dataclass
+class RunningProxy:
+    config: Config
+    port: int
+    registry: CollectorRegistry
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+StartProxy = Callable[..., Awaitable[RunningProxy]]
+
+
+@pytest.fixture
+async def start_proxy() -> AsyncIterator[StartProxy]:
+    """Start the proxy app with sigproxy's own runner on a free loopback port.
+
+    ``await start_proxy(yaml_text, credentials=None)``: ``credentials`` defaults to one
+    static source (the test keys, with a session token) for every aws_iam upstream.
+    """
+    runners: list[web.AppRunner] = []
+
+    async def start(
+        yaml_text: str, credentials: CredentialStore | CredentialSource | None = None
+    ) -> RunningProxy:
+        config = parse_config(yaml_text)
+        if credentials is None:
+            credentials = static_source()
+        if isinstance(credentials, CredentialSource):
+            credentials = CredentialStore.static_for(config, credentials)
+        registry = CollectorRegistry()
+        app = create_app(config, credentials=credentials, registry=registry)
+        runner = make_runner(app, shutdown_timeout=2)
+        await runner.setup()
+        runners.append(runner)
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        return RunningProxy(config, port, registry)
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+def one_upstream(port: int, **extra: object) -> str:
+    """YAML for a proxy with one aws_iam upstream at ``/`` on the fake server."""
+    lines = [
+        "upstreams:",
+        "  - name: fn",
+        f"    url: http://127.0.0.1:{port}",
+        "    region: us-east-1",
+    ]
+    for key, value in extra.items():
+        lines.append(f"    {key}: {value}")
+    return "\n".join(lines) + "\n"
