@@ -93,9 +93,11 @@ async def serve(
         await stop.wait()
         log.info("stopping: no new connections, letting requests in flight finish")
     finally:
+        # Handlers stay installed while draining: a second signal must not kill
+        # requests that are finishing.
+        await runner.cleanup()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-        await runner.cleanup()
     log.info("stopped")
 
 

@@ -152,11 +152,23 @@ class CredentialSource:
                 self.last_error,
             )
         else:
-            if frozen != self._frozen:
-                log.info("credentials refreshed for %s", self.description)
+            unchanged = frozen == self._frozen
             self._frozen, self._expiry = frozen, expiry
-            self.last_error = None
-            self.refreshes["success"] += 1
+            if unchanged and self._refresh_due():
+                # Inside its advisory window botocore logs a failed refresh and hands back
+                # the old credentials instead of raising.
+                self.last_error = "the provider gave no new credentials (see botocore's warning)"
+                self.refreshes["failure"] += 1
+                log.warning(
+                    "credential refresh failed for %s (%s): %s",
+                    self.description,
+                    "still valid" if self._usable(self._clock()) else "none valid left",
+                    self.last_error,
+                )
+            else:
+                log.info("credentials refreshed for %s", self.description)
+                self.last_error = None
+                self.refreshes["success"] += 1
             # botocore asks for a refresh on every call inside its advisory window; if a
             # provider keeps handing out short-lived credentials, don't ask it each request.
             self._next_attempt = self._clock() + self._retry_interval

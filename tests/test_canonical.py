@@ -7,7 +7,7 @@ import hashlib
 
 import pytest
 from botocore.credentials import ReadOnlyCredentials
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from sigproxy.canonical import normalize_path, normalize_query, split_target
@@ -122,6 +122,9 @@ def test_botocore_signature_of_normalized_target_matches_awscrt(path: str, query
     nquery = _representable(normalize_query, query.replace("#", "%23"))
     if npath is None or nquery is None:
         return
+    # awscrt's URI parser (the verifier, not sigproxy) rejects any path containing ":/"
+    # with AWS_ERROR_MALFORMED_INPUT_STRING; botocore canonicalises it fine.
+    assume(":/" not in npath)
     assert normalize_path(npath) == npath
     assert normalize_query(nquery) == nquery
     target = npath + ("?" + nquery if nquery else "")

@@ -1,0 +1,361 @@
+"""The real ``sigproxy`` process: CLI exit codes and messages, serving, SIGTERM, memory
+while a 64 MiB response streams through, and secrets kept out of its logs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from .conftest import one_upstream
+from .support import (
+    ACCESS_KEY,
+    SECRET_KEY,
+    SESSION_TOKEN,
+    FakeFunctionUrl,
+    Recorded,
+    raw_request,
+    verify_sigv4,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def creds_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        AWS_ACCESS_KEY_ID=ACCESS_KEY,
+        AWS_SECRET_ACCESS_KEY=SECRET_KEY,
+        AWS_SESSION_TOKEN=SESSION_TOKEN,
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sigproxy", *args],
+        capture_output=True,
+        text=True,
+        env=env if env is not None else dict(os.environ),
+        timeout=60,
+        cwd=ROOT,
+        check=False,
+    )
+
+
+def write(tmp_path: Path, text: str, name: str = "sigproxy.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_check_prints_route_table(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "upstreams:\n"
+        "  - {name: orders, url: 'https://abc.lambda-url.eu-west-1.on.aws/v1', path_prefix: /orders}\n"
+        "  - {name: open, url: 'https://def.lambda-url.us-east-1.on.aws', auth: none, host: open.localhost}\n",
+    )
+    result = run_cli("check", "--config", path, env=creds_env())
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == [
+        "PREFIX",
+        "HOST",
+        "UPSTREAM",
+        "URL",
+        "REGION",
+        "SERVICE",
+        "AUTH",
+        "CREDENTIALS",
+    ]
+    assert lines[1].split() == [
+        "/orders", "*", "orders", "https://abc.lambda-url.eu-west-1.on.aws/v1", "eu-west-1",
+        "lambda", "aws_iam", "default", "chain", "(env)",
+    ]  # fmt: skip
+    assert lines[2].split() == [
+        "/", "open.localhost", "open", "https://def.lambda-url.us-east-1.on.aws", "us-east-1",
+        "lambda", "none", "-",
+    ]  # fmt: skip
+    assert lines[3] == f"config OK: {path}, 2 upstream(s)"
+    assert SECRET_KEY not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (None, r"cannot read config file .*missing\.yaml: No such file or directory"),
+        ("upstreams: [", r"invalid YAML: line 1"),
+        (
+            "upstreams:\n  - {name: a, url: 'http://10.1.2.3'}\n",
+            r"upstreams\[0\]\.url: plain http:// is only allowed",
+        ),
+        (
+            "upstreams:\n  - {name: a, url: 'https://example.com'}\n",
+            r"upstreams\[0\]\.region: is required",
+        ),
+        (
+            "upstreams:\n  - {name: a, url: 'https://a.lambda-url.us-east-1.on.aws', retries: 3}\n",
+            r"upstreams\[0\]\.retries: unknown key",
+        ),
+    ],
+)
+@pytest.mark.parametrize("command", ["check", "serve"])
+def test_config_errors_exit_2_with_one_line(
+    tmp_path: Path, text: str | None, expected: str, command: str
+) -> None:
+    path = str(tmp_path / "missing.yaml") if text is None else write(tmp_path, text)
+    result = run_cli(command, "--config", path, env=creds_env())
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"sigproxy: error: {path}: ")
+    assert re.search(expected, lines[0]), lines[0]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["check", "serve"])
+def test_no_credentials_exit_2(tmp_path: Path, command: str) -> None:
+    path = write(
+        tmp_path, "upstreams:\n  - {name: orders, url: 'https://abc.lambda-url.eu-west-1.on.aws'}\n"
+    )
+    result = run_cli(command, "--config", path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "sigproxy: error: upstreams[0] (orders): no usable AWS credentials from default chain: "
+        "none found (looked in the environment, shared credentials and config files, SSO, "
+        "container and instance metadata)"
+    )
+
+
+def test_version_and_console_script() -> None:
+    result = run_cli("--version")
+    assert result.returncode == 0
+    assert result.stdout.startswith("sigproxy ")
+    script = Path(sys.executable).parent / "sigproxy"
+    assert script.exists(), "console script not installed (pip install -e .)"
+    result = subprocess.run(
+        [str(script), "--help"], capture_output=True, text=True, check=False, timeout=30
+    )
+    assert result.returncode == 0
+    assert "serve" in result.stdout and "check" in result.stdout
+
+
+def test_usage_error_exits_2() -> None:
+    result = run_cli("serve", "--port", "notaport")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+
+
+# --- a served process -------------------------------------------------------------------
+
+
+@dataclass
+class Served:
+    proc: asyncio.subprocess.Process
+    port: int
+    stderr: list[str] = field(default_factory=list)
+    drain: asyncio.Task[None] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return "".join(self.stderr)
+
+    async def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.returncode is None:
+            self.proc.send_signal(sig)
+        code = await asyncio.wait_for(self.proc.wait(), 20)
+        if self.drain is not None:
+            await asyncio.wait_for(self.drain, 5)
+        return code
+
+
+@contextlib.asynccontextmanager
+async def serve_process(config_path: str, *args: str) -> AsyncIterator[Served]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sigproxy", "serve", "--config", config_path, "--port", "0", *args,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        env=creds_env(),
+        cwd=ROOT,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    lines: list[str] = []
+    port = None
+    try:
+        while port is None:
+            raw = await asyncio.wait_for(proc.stderr.readline(), 30)
+            if not raw:
+                raise AssertionError("sigproxy exited before listening:\n" + "".join(lines))
+            line = raw.decode()
+            lines.append(line)
+            m = re.search(r"sigproxy listening on http://127\.0\.0\.1:(\d+)", line)
+            if m:
+                port = int(m.group(1))
+        served = Served(proc, port, lines)
+
+        async def drain() -> None:
+            assert proc.stderr is not None
+            async for raw in proc.stderr:
+                lines.append(raw.decode())
+
+        served.drain = asyncio.create_task(drain())
+        yield served
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_serve_signs_and_stops_on_sigterm(upstream: FakeFunctionUrl, tmp_path: Path) -> None:
+    path = write(tmp_path, one_upstream(upstream.port))
+    async with serve_process(path) as served:
+        resp = await raw_request(served.port, "POST", "/hello?name=John", body=b'{"a": 1}')
+        assert resp.status == 200
+        verify_sigv4(upstream.last, region="us-east-1")
+        assert await served.stop(signal.SIGTERM) == 0
+    log = served.log()
+    assert "stopped" in log
+    assert "Traceback" not in log
+
+
+async def test_sigterm_lets_a_request_in_flight_finish(
+    upstream: FakeFunctionUrl, tmp_path: Path
+) -> None:
+    release = asyncio.Event()
+    arrived = asyncio.Event()
+
+    async def answer(request: web.Request, rec: Recorded) -> web.StreamResponse:
+        arrived.set()
+        await asyncio.wait_for(release.wait(), 20)
+        return web.Response(text="finished")
+
+    upstream.answer = answer
+    path = write(tmp_path, one_upstream(upstream.port))
+    async with serve_process(path) as served:
+        pending = asyncio.create_task(raw_request(served.port, "GET", "/slow"))
+        await asyncio.wait_for(arrived.wait(), 10)
+        served.proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)
+        assert served.proc.returncode is None  # still draining
+        release.set()
+        resp = await asyncio.wait_for(pending, 10)
+        assert (resp.status, resp.body) == (200, b"finished")
+        assert await served.stop() == 0
+
+
+async def test_port_in_use_exits_2(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        path = write(tmp_path, one_upstream(1))
+        result = await asyncio.to_thread(
+            run_cli, "serve", "--config", path, "--port", str(port), env=creds_env()
+        )
+    assert result.returncode == 2
+    assert f"sigproxy: error: cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def peak_rss_kib(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    m = re.search(r"^VmHWM:\s+(\d+) kB", status, re.M)
+    assert m
+    return int(m.group(1))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+async def test_64_mib_response_keeps_memory_bounded(
+    upstream: FakeFunctionUrl, tmp_path: Path
+) -> None:
+    chunk = os.urandom(1 << 20)
+    total = 64
+
+    async def answer(request: web.Request, rec: Recorded) -> web.StreamResponse:
+        if rec.raw_target != "/big":
+            return web.Response(text="small")
+        resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        resp.content_length = total * len(chunk)
+        await resp.prepare(request)
+        for _ in range(total):
+            await resp.write(chunk)
+        await resp.write_eof()
+        return resp
+
+    upstream.answer = answer
+    path = write(tmp_path, one_upstream(upstream.port))
+    async with serve_process(path) as served:
+        # Warm up so imports and pools are counted in the baseline.
+        for _ in range(3):
+            assert (await raw_request(served.port, "GET", "/warm")).status == 200
+        before = peak_rss_kib(served.proc.pid)
+        digest = hashlib.sha256()
+        received = 0
+        async with aiohttp.ClientSession() as session, session.get(served.url + "/big") as resp:
+            assert resp.status == 200
+            async for data in resp.content.iter_chunked(1 << 16):
+                digest.update(data)
+                received += len(data)
+                await asyncio.sleep(0)  # a client reading at its own pace
+        after = peak_rss_kib(served.proc.pid)
+        assert received == total * len(chunk)
+        assert digest.hexdigest() == hashlib.sha256(chunk * total).hexdigest()
+        growth_mib = (after - before) / 1024
+        # Whole-response buffering would add >= 64 MiB; streaming adds socket buffers only.
+        assert growth_mib < 16, f"peak RSS grew {growth_mib:.1f} MiB while streaming 64 MiB"
+        assert await served.stop() == 0
+
+
+async def test_secrets_never_reach_logs_even_at_debug(
+    upstream: FakeFunctionUrl, tmp_path: Path
+) -> None:
+    path = write(tmp_path, one_upstream(upstream.port, max_body_bytes=10))
+    async with serve_process(path, "--log-level", "debug") as served:
+        resp = await raw_request(
+            served.port,
+            "POST",
+            "/login?password=hunter2-query-value&token=qv-77",
+            [("Cookie", "session=cookie-value-abc"), ("Authorization", "Bearer client-bearer-xyz")],
+            b'{"a":1}',
+        )
+        assert resp.status == 200
+        sent_signature = (upstream.last.header("Authorization") or "").split("Signature=")[1]
+        too_big = await raw_request(served.port, "POST", "/x?secret=qv-88", body=b"y" * 100)
+        assert too_big.status == 413
+        missing = await raw_request(served.port, "GET", "/bad%zz?k=qv-99")
+        assert missing.status == 400
+        assert await served.stop() == 0
+    log = served.log()
+    assert "POST /login" in log  # the access log line is there, without its query
+    for secret in (
+        SECRET_KEY,
+        SESSION_TOKEN,
+        sent_signature,
+        "hunter2-query-value",
+        "qv-77",
+        "qv-88",
+        "qv-99",
+        "cookie-value-abc",
+        "client-bearer-xyz",
+    ):
+        assert secret not in log, f"{secret!r} leaked into the log"
