@@ -107,6 +107,26 @@ def _setup_logging(level: str) -> None:
     # No level of ours lets it through.
     logging.getLogger("botocore").setLevel(logging.WARNING)
     logging.getLogger("aiohttp.access").disabled = True
+    server_logger = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, RedactProtocolErrors) for f in server_logger.filters):
+        server_logger.addFilter(RedactProtocolErrors())
+
+
+class RedactProtocolErrors(logging.Filter):
+    """aiohttp logs a malformed request with the raw request line, query values and all,
+    in its exception text. Keep the record, drop the raw bytes: log the exception's type
+    and the first line of its message only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            detail = getattr(exc, "message", None) or str(exc)
+            first = str(detail).strip().splitlines()[0] if str(detail).strip() else ""
+            record.msg = f"{record.getMessage()}: {type(exc).__name__}: {first}"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
 
 
 def _check(config: Config) -> int:
