@@ -40,7 +40,7 @@ def create_app(
     app[PROXY_KEY] = proxy
     app[METRICS_KEY] = metrics
     # One catch-all route: the proxy port claims no paths of its own.
-    app.router.add_route("*", "/{tail:.*}", proxy.handle)
+    app.router.add_route("*", "/{tail:.*}", proxy.handle, expect_handler=proxy.expect)
 
     async def client_session(app: web.Application) -> AsyncIterator[None]:
         await proxy.open()

@@ -210,6 +210,27 @@ class Proxy:
                 "-" if upstream_time is None else f"{upstream_time * 1000:.1f}",
             )
 
+    async def expect(self, request: web.Request) -> web.StreamResponse | None:
+        """Answer ``Expect: 100-continue``. A body the route would refuse gets no
+        ``100 Continue``: the handler answers 413 at once and the client never sends it."""
+        if request.headers.get("Expect", "").lower() != "100-continue":
+            return error_response(
+                417, "expectation_failed", "only 'Expect: 100-continue' is supported"
+            )
+        length = request.content_length
+        if length is not None:
+            try:
+                path, _ = self._target_of(request)
+            except ProxyError:
+                return None  # the handler answers 400
+            match = self.router.match(request.host, path)
+            if match is None or length > match.upstream.max_body_bytes:
+                return None  # the handler answers 404 or 413
+        if request.version >= (1, 1):
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0
+        return None
+
     def _target_of(self, request: web.Request) -> tuple[str, str]:
         raw_path, raw_query = split_target(request.raw_path)
         return normalize_path(raw_path), normalize_query(raw_query)

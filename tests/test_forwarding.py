@@ -383,3 +383,56 @@ async def test_upstream_dies_mid_stream_cuts_client_connection(
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_expect_continue(upstream: FakeFunctionUrl, start_proxy: StartProxy) -> None:
+    proxy = await start_proxy(one_upstream(upstream.port, max_body_bytes=1000))
+    # Within the limit: 100 Continue, then the body is read, signed and forwarded.
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(
+        b"POST /ok HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+    )
+    await writer.drain()
+    interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert interim.startswith(b"HTTP/1.1 100 Continue")
+    writer.write(b"hello")
+    await writer.drain()
+    resp = await asyncio.wait_for(read_response(reader), 10)
+    writer.close()
+    assert resp.status == 200
+    assert upstream.last.body == b"hello"
+    verify_sigv4(upstream.last, region="us-east-1")
+    # Over the limit: no 100 Continue, a 413 at once, the body never sent.
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(
+        b"POST /big HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\nExpect: 100-continue\r\n\r\n"
+    )
+    await writer.drain()
+    resp = await asyncio.wait_for(read_response(reader), 10)
+    writer.close()
+    assert resp.status == 413
+    assert json.loads(resp.body)["error"] == "body_too_large"
+    assert [r.raw_target for r in upstream.requests] == ["/ok"]
+
+
+async def test_head_keeps_length_without_body(
+    upstream: FakeFunctionUrl, start_proxy: StartProxy
+) -> None:
+    async def answer(request: web.Request, rec: Recorded) -> web.StreamResponse:
+        return web.Response(body=b"x" * 1234, content_type="application/json")
+
+    upstream.answer = answer
+    proxy = await start_proxy(one_upstream(upstream.port))
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(b"HEAD /thing HTTP/1.1\r\nHost: x\r\n\r\nGET /after HTTP/1.1\r\nHost: x\r\n\r\n")
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 200")
+    assert b"Content-Length: 1234" in head
+    # The next response on the same connection starts right away: HEAD had no body.
+    after = await asyncio.wait_for(read_response(reader), 10)
+    writer.close()
+    assert after.status == 200
+    assert len(after.body) == 1234
+    assert upstream.requests[0].method == "HEAD"
+    verify_sigv4(upstream.requests[0], region="us-east-1")
