@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 
@@ -114,3 +115,27 @@ def error_response(
 def proxy_error_response(exc: ProxyError, request_id: str | None = None) -> web.Response:
     """Map a :class:`ProxyError` to its JSON response."""
     return error_response(exc.status, exc.code, exc.message, request_id, **exc.extra)
+
+
+def upstream_failure(exc: BaseException, upstream: str) -> ProxyError:
+    """Translate an aiohttp client exception into what the client is told; ``kind`` is
+    the bounded metric label (connect, tls, timeout, reset)."""
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return UpstreamUnreachable(
+            f"TLS handshake with upstream {upstream!r} failed", upstream=upstream, kind="tls"
+        )
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return UpstreamUnreachable(
+            f"cannot connect to upstream {upstream!r}", upstream=upstream, kind="connect"
+        )
+    if isinstance(exc, TimeoutError):
+        return UpstreamTimeout(
+            f"upstream {upstream!r} did not answer in time", upstream=upstream, kind="timeout"
+        )
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return UpstreamUnreachable(
+            f"upstream {upstream!r} sent an invalid response", upstream=upstream, kind="reset"
+        )
+    return UpstreamUnreachable(
+        f"upstream {upstream!r} closed the connection", upstream=upstream, kind="reset"
+    )

@@ -27,6 +27,7 @@ from .errors import (
     UpstreamUnreachable,
     error_response,
     proxy_error_response,
+    upstream_failure,
 )
 from .metrics import NO_UPSTREAM, Metrics, method_label
 from .routing import Router
@@ -62,7 +63,8 @@ _REQUEST_DROP = HOP_BY_HOP | {
 }
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
-_STREAM_CHUNK = 64 * 1024
+# Status recorded (never sent) when the client disconnected, as nginx does.
+CLIENT_GONE = 499
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,7 +177,7 @@ class Proxy:
                     resp.force_close()
                 return resp
             except (asyncio.CancelledError, ConnectionResetError):
-                status = 499  # client went away; nothing to answer
+                status = CLIENT_GONE
                 raise
             except Exception:
                 status = 500
@@ -265,62 +267,56 @@ class Proxy:
                 response.headers["X-Request-Id"] = request_id
                 if up.content_length is not None and "Transfer-Encoding" not in up.headers:
                     response.content_length = up.content_length
-                await response.prepare(request)
                 try:
-                    async for chunk in up.content.iter_chunked(_STREAM_CHUNK):
-                        await response.write(chunk)
-                        sent += len(chunk)
-                except (TimeoutError, aiohttp.ClientError) as exc:
-                    # Headers are out; the only honest signal left is a cut connection,
-                    # so the client never mistakes a truncated body for a whole one.
-                    kind = "timeout" if isinstance(exc, asyncio.TimeoutError) else "reset"
-                    self.metrics.upstream_errors.labels(upstream.name, kind).inc()
-                    log.warning(
-                        "request %s: upstream %s failed mid-response after %d bytes (%s)",
-                        request_id,
-                        upstream.name,
-                        sent,
-                        kind,
-                    )
-                    if request.transport is not None:
-                        request.transport.abort()
-                    return response, up.status, sent, upstream_time
-                await response.write_eof()
-                return response, up.status, sent, upstream_time
-        except aiohttp.ClientSSLError as exc:
-            raise UpstreamUnreachable(
-                f"TLS handshake with upstream {upstream.name!r} failed",
-                upstream=upstream.name,
-                kind="tls",
-            ) from exc
-        except aiohttp.ClientConnectorError as exc:
-            raise UpstreamUnreachable(
-                f"cannot connect to upstream {upstream.name!r}",
-                upstream=upstream.name,
-                kind="connect",
-            ) from exc
-        except TimeoutError as exc:
-            raise UpstreamTimeout(
-                f"upstream {upstream.name!r} did not answer in time",
-                upstream=upstream.name,
-                kind="timeout",
-            ) from exc
-        except (
-            aiohttp.ServerDisconnectedError,
-            aiohttp.ClientOSError,
-            aiohttp.ClientPayloadError,
-        ) as exc:
-            raise UpstreamUnreachable(
-                f"upstream {upstream.name!r} closed the connection",
-                upstream=upstream.name,
-                kind="reset",
-            ) from exc
-        except aiohttp.ClientResponseError as exc:
-            raise UpstreamUnreachable(
-                f"upstream {upstream.name!r} sent an invalid response",
-                upstream=upstream.name,
-                kind="reset",
-            ) from exc
+                    await response.prepare(request)
+                except ConnectionError:
+                    return response, CLIENT_GONE, 0, upstream_time
+                sent, status = await self._stream(request, up, response, upstream.name, request_id)
+                return response, status, sent, upstream_time
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise upstream_failure(exc, upstream.name) from exc
+
+    async def _stream(
+        self,
+        request: web.Request,
+        up: aiohttp.ClientResponse,
+        response: web.StreamResponse,
+        upstream: str,
+        request_id: str,
+    ) -> tuple[int, int]:
+        """Copy the upstream body to the client as it arrives; returns (bytes, status)."""
+        sent = 0
+        while True:
+            try:
+                chunk = await up.content.readany()
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                # Headers are out; the only honest signal left is a cut connection, so
+                # the client never mistakes a truncated body for a whole one.
+                kind = upstream_failure(exc, upstream).extra["kind"]
+                self.metrics.upstream_errors.labels(upstream, kind).inc()
+                log.warning(
+                    "request %s: upstream %s failed mid-response after %d bytes (%s)",
+                    request_id,
+                    upstream,
+                    sent,
+                    kind,
+                )
+                if request.transport is not None:
+                    request.transport.abort()
+                return sent, up.status
+            if not chunk:
+                break
+            try:
+                await response.write(chunk)
+            except ConnectionError:
+                log.debug("request %s: client went away after %d bytes", request_id, sent)
+                return sent, CLIENT_GONE
+            sent += len(chunk)
+        try:
+            await response.write_eof()
+        except ConnectionError:
+            return sent, CLIENT_GONE
+        return sent, up.status
 
 
 def _request_id(request: web.Request) -> str:
