@@ -30,15 +30,15 @@ from __future__ import annotations
 
 import re
 import string
+from urllib.parse import unquote_to_bytes
 
 from .errors import BadRequest
 
-_UNRESERVED_CHARS = string.ascii_letters + string.digits + "-._~"
-_UNRESERVED = frozenset(_UNRESERVED_CHARS)
-_UNRESERVED_BYTES = frozenset(_UNRESERVED_CHARS.encode())
-# RFC 3986 pchar minus unreserved and "%": characters that may stand bare in a path.
-_PATH_BARE = frozenset("!$&'()*+,;=:@/")
-_HEX = frozenset(string.hexdigits)
+_UNRESERVED_BYTES = frozenset((string.ascii_letters + string.digits + "-._~").encode())
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+# An escape, or a run of characters that may not stand bare in a path segment (RFC 3986
+# pchar is unreserved, sub-delims, ":" and "@").
+_SEGMENT_FIX = re.compile(r"%([0-9A-Fa-f]{2})|([^A-Za-z0-9\-._~!$&'()*+,;=:@%]+)")
 _ESCAPE_TABLE = [chr(b) if b in _UNRESERVED_BYTES else f"%{b:02X}" for b in range(256)]
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -60,30 +60,13 @@ def quote(data: bytes) -> str:
 
 def _percent_decode(text: str, *, plus_is_space: bool) -> bytes:
     """Decode %XX escapes (and optionally ``+``) into bytes; bare characters as UTF-8."""
-    out = bytearray()
-    i = 0
-    n = len(text)
-    while i < n:
-        c = text[i]
-        if c == "%":
-            hexpair = text[i + 1 : i + 3]
-            if len(hexpair) != 2 or not (hexpair[0] in _HEX and hexpair[1] in _HEX):
-                raise BadRequest("malformed percent-encoding in the request target")
-            out.append(int(hexpair, 16))
-            i += 3
-            continue
-        if c == "+" and plus_is_space:
-            out.append(0x20)
-        else:
-            out += _encode_char(c)
-        i += 1
-    return bytes(out)
-
-
-def _encode_char(c: str) -> bytes:
+    if _BAD_ESCAPE.search(text):
+        raise BadRequest("malformed percent-encoding in the query string")
+    if plus_is_space:
+        text = text.replace("+", " ")
     # The HTTP parser hands undecodable bytes over as surrogate escapes; they stand for
     # exactly one original byte each.
-    return c.encode("utf-8", "surrogateescape")
+    return unquote_to_bytes(text.encode("utf-8", "surrogateescape"))
 
 
 def normalize_path(raw_path: str) -> str:
@@ -115,27 +98,17 @@ def normalize_path(raw_path: str) -> str:
 
 
 def _normalize_segment(segment: str) -> str:
-    if "%" not in segment and all(c in _UNRESERVED or c in _PATH_BARE for c in segment):
-        return segment
-    out: list[str] = []
-    i = 0
-    n = len(segment)
-    while i < n:
-        c = segment[i]
-        if c == "%":
-            hexpair = segment[i + 1 : i + 3]
-            if len(hexpair) != 2 or not (hexpair[0] in _HEX and hexpair[1] in _HEX):
-                raise BadRequest("malformed percent-encoding in the request path")
-            value = int(hexpair, 16)
-            out.append(chr(value) if value in _UNRESERVED_BYTES else f"%{value:02X}")
-            i += 3
-            continue
-        if c in _UNRESERVED or c in _PATH_BARE:
-            out.append(c)
-        else:
-            out.append(quote(_encode_char(c)))
-        i += 1
-    return "".join(out)
+    if _BAD_ESCAPE.search(segment):
+        raise BadRequest("malformed percent-encoding in the request path")
+    return _SEGMENT_FIX.sub(_fix_segment_part, segment)
+
+
+def _fix_segment_part(m: re.Match[str]) -> str:
+    escaped = m.group(1)
+    if escaped is not None:
+        value = int(escaped, 16)
+        return chr(value) if value in _UNRESERVED_BYTES else f"%{value:02X}"
+    return quote(m.group(2).encode("utf-8", "surrogateescape"))
 
 
 def normalize_query(raw_query: str) -> str:
