@@ -54,12 +54,16 @@ def create_app(
 def make_runner(app: web.Application, *, shutdown_timeout: float = 30.0) -> web.AppRunner:
     """An AppRunner set up the way sigproxy serves: a client that disconnects cancels
     its handler (and so its upstream request), and aiohttp's own access log (which would
-    print query strings) is off in favour of sigproxy's."""
+    print query strings) is off in favour of sigproxy's; request bodies are not
+    decompressed."""
     return web.AppRunner(
         app,
         handler_cancellation=True,
         access_log=None,
         shutdown_timeout=shutdown_timeout,
+        # Request bodies go upstream byte for byte, Content-Encoding and all: the hash
+        # is of what is sent, and the function decides what to do with gzip.
+        auto_decompress=False,
     )
 
 

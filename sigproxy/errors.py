@@ -10,6 +10,7 @@
         ├── BadRequest              400 bad_request: the request can't be forwarded faithfully
         ├── NoRoute                 404 no_route
         ├── BodyTooLarge            413 body_too_large
+        ├── ExpectationFailed       417 expectation_failed
         ├── UpstreamUnreachable     502 upstream_unreachable
         ├── UpstreamTimeout         504 upstream_timeout
         └── CredentialsUnavailable  503 credentials_unavailable
@@ -77,6 +78,12 @@ class BodyTooLarge(ProxyError):
     status = 413
     code = "body_too_large"
     reason = "body_too_large"
+
+
+class ExpectationFailed(ProxyError):
+    status = 417
+    code = "expectation_failed"
+    reason = "bad_request"
 
 
 class UpstreamUnreachable(ProxyError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import logging
 import re
 import time
@@ -21,6 +22,7 @@ from .credentials import CredentialSource, CredentialStore
 from .errors import (
     BadRequest,
     BodyTooLarge,
+    ExpectationFailed,
     NoRoute,
     ProxyError,
     UpstreamTimeout,
@@ -63,6 +65,7 @@ _REQUEST_DROP = HOP_BY_HOP | {
 }
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
+_LARGE_BODY = 1 << 20
 # Status recorded (never sent) when the client disconnected, as nginx does.
 CLIENT_GONE = 499
 
@@ -129,6 +132,9 @@ class Proxy:
         upstream_time: float | None = None
         try:
             try:
+                expect = request.headers.get("Expect")
+                if expect is not None and expect.lower() != "100-continue":
+                    raise ExpectationFailed("only 'Expect: 100-continue' is supported")
                 target_path, query = self._target_of(request)
                 match = self.router.match(request.host, target_path)
                 if match is None:
@@ -173,8 +179,7 @@ class Proxy:
                 resp = proxy_error_response(exc, request_id)
                 resp.headers["X-Request-Id"] = request_id
                 if isinstance(exc, BodyTooLarge):
-                    # The rest of the body is never read, so this connection can't be reused.
-                    resp.force_close()
+                    await _refuse_rest_of_body(request, resp)
                 return resp
             except (asyncio.CancelledError, ConnectionResetError):
                 status = CLIENT_GONE
@@ -216,9 +221,7 @@ class Proxy:
         """Answer ``Expect: 100-continue``. A body the route would refuse gets no
         ``100 Continue``: the handler answers 413 at once and the client never sends it."""
         if request.headers.get("Expect", "").lower() != "100-continue":
-            return error_response(
-                417, "expectation_failed", "only 'Expect: 100-continue' is supported"
-            )
+            return None  # the handler answers 417
         length = request.content_length
         if length is not None:
             try:
@@ -256,14 +259,14 @@ class Proxy:
                 request.method,
                 url,
                 headers=headers,
-                data=body if body else None,
+                data=_payload(body),
                 allow_redirects=False,
                 timeout=target.timeout,
                 compress=None,
             ) as up:
                 upstream_time = time.perf_counter() - t0
                 response = web.StreamResponse(status=up.status, reason=up.reason)
-                _copy_response_headers(up.headers, response)
+                _copy_response_headers(up.headers, response, request_id)
                 response.headers["X-Request-Id"] = request_id
                 if up.content_length is not None and "Transfer-Encoding" not in up.headers:
                     response.content_length = up.content_length
@@ -319,6 +322,13 @@ class Proxy:
         return sent, up.status
 
 
+def _payload(body: bytes) -> bytes | io.BytesIO | None:
+    if not body:
+        return None
+    # aiohttp writes a bytes body in one piece and warns above 1 MiB; it streams BytesIO.
+    return body if len(body) <= _LARGE_BODY else io.BytesIO(body)
+
+
 def _request_id(request: web.Request) -> str:
     given = request.headers.get("X-Request-Id")
     if given and _REQUEST_ID_RE.match(given):
@@ -346,6 +356,23 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+async def _refuse_rest_of_body(request: web.Request, resp: web.StreamResponse) -> None:
+    """Send the 413 and close the connection without reading the rest of the body.
+
+    aiohttp would otherwise do a lingering close, reading and discarding up to 10 s of
+    the upload. The response is flushed before the socket closes.
+    """
+    resp.force_close()
+    try:
+        await resp.prepare(request)
+        await resp.write_eof()
+    except ConnectionError:
+        return
+    protocol = request.protocol
+    if protocol is not None:
+        protocol.force_close()
+
+
 def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
     tokens: set[str] = set()
     for value in headers.getall("Connection", ()):
@@ -367,8 +394,8 @@ def _forward_headers(request: web.Request, upstream: Upstream, request_id: str) 
         # (a stale date, a token) would contradict it.
         if signed and (lower == "authorization" or lower.startswith("x-amz-")):
             continue
-        if "\r" in value or "\n" in value:
-            raise BadRequest("header values may not contain CR or LF")
+        if not value.isascii():
+            _check_utf8(value, name)
         out.add(name, value)
     out["Host"] = upstream.host_header
     peer = request.remote or ""
@@ -384,10 +411,29 @@ def _forward_headers(request: web.Request, upstream: Upstream, request_id: str) 
     return out
 
 
-def _copy_response_headers(headers: CIMultiDictProxy[str], response: web.StreamResponse) -> None:
+def _check_utf8(value: str, name: str) -> None:
+    # aiohttp hands undecodable header bytes over as surrogate escapes, and its writer
+    # would silently drop them; refuse instead of forwarding an altered value.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest(f"header {name} is not valid UTF-8") from None
+
+
+def _copy_response_headers(
+    headers: CIMultiDictProxy[str], response: web.StreamResponse, request_id: str
+) -> None:
     drop = _connection_tokens(headers)
     for name, value in headers.items():
         lower = name.lower()
         if lower in _RESPONSE_DROP or lower in drop or lower == "x-request-id":
             continue
+        if not value.isascii():
+            try:
+                _check_utf8(value, name)
+            except BadRequest:
+                log.warning(
+                    "request %s: dropped upstream header %s: not valid UTF-8", request_id, name
+                )
+                continue
         response.headers.add(name, value)
