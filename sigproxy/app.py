@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -67,42 +68,53 @@ def make_runner(app: web.Application, *, shutdown_timeout: float = 30.0) -> web.
     )
 
 
-async def serve(
-    config: Config,
-    credentials: CredentialStore,
-    *,
-    on_listening: Callable[[list[str]], None] | None = None,
-) -> None:
-    """Serve until SIGTERM or SIGINT, then stop accepting and let requests finish."""
-    app = create_app(config, credentials=credentials)
-    runner = make_runner(app)
-    await runner.setup()
+@contextlib.asynccontextmanager
+async def stop_signals() -> AsyncIterator[asyncio.Event]:
+    """An event set by SIGTERM or SIGINT. The handlers stay installed until the block
+    ends, so a second signal can't kill requests that are still finishing."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        site = web.TCPSite(runner, config.listen.host, config.listen.port, reuse_address=True)
-        try:
-            await site.start()
-        except OSError as exc:
-            raise ListenError(
-                f"cannot listen on {config.listen.host}:{config.listen.port}: {exc.strerror or exc}"
-            ) from None
-        addresses = [_format_address(a) for a in runner.addresses]
-        for address in addresses:
-            log.info("sigproxy listening on %s", address)
-        if on_listening is not None:
-            on_listening(addresses)
-        await stop.wait()
-        log.info("stopping: no new connections, letting requests in flight finish")
+        yield stop
     finally:
-        # Handlers stay installed while draining: a second signal must not kill
-        # requests that are finishing.
-        await runner.cleanup()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+
+
+async def start_proxy(config: Config, credentials: CredentialStore) -> web.AppRunner:
+    """Set up the app and open its listening socket; returns the runner to clean up."""
+    runner = make_runner(create_app(config, credentials=credentials))
+    await runner.setup()
+    site = web.TCPSite(runner, config.listen.host, config.listen.port, reuse_address=True)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ListenError(
+            f"cannot listen on {config.listen.host}:{config.listen.port}: {exc.strerror or exc}"
+        ) from None
+    for address in listening_urls(runner):
+        log.info("sigproxy listening on %s", address)
+    return runner
+
+
+async def serve(config: Config, credentials: CredentialStore) -> None:
+    """Serve until SIGTERM or SIGINT, then stop accepting and let requests finish."""
+    async with stop_signals() as stop:
+        runner = await start_proxy(config, credentials)
+        try:
+            await stop.wait()
+            log.info("stopping: no new connections, letting requests in flight finish")
+        finally:
+            await runner.cleanup()
     log.info("stopped")
+
+
+def listening_urls(runner: web.BaseRunner) -> list[str]:
+    """``http://host:port`` for each socket the runner listens on."""
+    return [_format_address(a) for a in runner.addresses]
 
 
 def _format_address(address: object) -> str:

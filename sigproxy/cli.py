@@ -55,12 +55,38 @@ def build_parser() -> argparse.ArgumentParser:
         "check", help="validate the config, resolve credentials and print the route table"
     )
     add_config(check_p)
+
+    demo_p = sub.add_parser(
+        "demo", help="the example functions as local Function URLs with sigproxy in front"
+    )
+    demo_p.add_argument("--host", default="127.0.0.1", help="proxy listen host")
+    demo_p.add_argument("--port", type=int, default=8080, help="proxy port (0: any free port)")
+    demo_p.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+
+    emu_p = sub.add_parser(
+        "emulate",
+        help="serve Python handlers as local Lambda Function URLs",
+        description="Serve the functions of the config's emulator section, or one --handler.",
+    )
+    emu_p.add_argument("--config", "-c", default=None, help="YAML file with an emulator section")
+    emu_p.add_argument("--handler", help="module:function or path/to/file.py:function")
+    emu_p.add_argument("--name", default=None, help="function name (default: from the handler)")
+    emu_p.add_argument("--port", type=int, default=0, help="port (default: any free port)")
+    emu_p.add_argument("--host", default="127.0.0.1")
+    emu_p.add_argument("--auth", choices=("AWS_IAM", "NONE"), default="AWS_IAM")
+    emu_p.add_argument("--region", default="us-east-1")
+    emu_p.add_argument("--timeout", type=float, default=3.0, help="seconds (Lambda default 3)")
+    emu_p.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
     args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        return _demo(args)
+    if args.command == "emulate":
+        return _emulate(args)
     try:
         config = load_config(args.config)
         config = _apply_overrides(config, args)
@@ -168,4 +194,57 @@ def _serve(config: Config) -> int:
             "-" if source is None else f"{source.description} ({source.method})",
         )
     asyncio.run(serve(config, store))
+    return EXIT_OK
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    _setup_logging(args.log_level)
+    try:
+        asyncio.run(run_demo(args.host, args.port))
+    except SigproxyError as exc:
+        hint = " (another program has the port: try --port 0)" if "listen" in str(exc) else ""
+        return _fail(f"{exc}{hint}")
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
+
+
+def _emulate(args: argparse.Namespace) -> int:
+    from .emulator.config import load_emulator_config
+    from .emulator.handlers import HandlerLoadError
+    from .emulator.run import config_from_flags, run_emulator
+
+    _setup_logging(args.log_level)
+    try:
+        if args.config and args.handler:
+            raise ConfigError("--handler", "give either --config or --handler, not both")
+        if args.config:
+            config = load_emulator_config(args.config)
+        elif args.handler:
+            name = args.name or args.handler.rpartition(":")[0].rsplit("/", 1)[-1]
+            config = config_from_flags(
+                args.handler,
+                name=name.removesuffix(".py").replace(".", "-") or "function",
+                port=args.port,
+                auth=args.auth,
+                region=args.region,
+                timeout=args.timeout,
+                host=args.host,
+            )
+        else:
+            raise ConfigError("", "give --config FILE (with an emulator section) or --handler")
+        asyncio.run(run_emulator(config))
+    except ConfigError as exc:
+        where = f"{args.config}: " if args.config else ""
+        return _fail(f"{where}{exc}")
+    except HandlerLoadError as exc:
+        return _fail(f"cannot load handler {exc}")
+    except SigproxyError as exc:
+        return _fail(str(exc))
+    except OSError as exc:
+        return _fail(f"cannot listen: {exc.strerror or exc}")
+    except KeyboardInterrupt:
+        pass
     return EXIT_OK

@@ -103,20 +103,29 @@ class Config:
 
 def load_config(path: str, environ: Mapping[str, str] | None = None) -> Config:
     """Read, expand and validate the YAML file at ``path``."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
-    except OSError as exc:
-        raise ConfigError("", f"cannot read config file {path}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConfigError("", f"config file {path} is not UTF-8 text") from None
-    return parse_config(text, source=path, environ=environ)
+    return parse_config(read_text(path), source=path, environ=environ)
 
 
 def parse_config(
     text: str, source: str = "<config>", environ: Mapping[str, str] | None = None
 ) -> Config:
     """Validate config given as YAML text."""
+    return _build_config(parse_yaml(text, environ), source)
+
+
+def read_text(path: str) -> str:
+    """A config file's text, or a :class:`ConfigError` saying why it can't be read."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise ConfigError("", f"cannot read config file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("", f"config file {path} is not UTF-8 text") from None
+
+
+def parse_yaml(text: str, environ: Mapping[str, str] | None = None) -> Any:
+    """Parse YAML (refusing duplicate keys) and expand ``${VAR}`` in its strings."""
     try:
         data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.MarkedYAMLError as exc:
@@ -127,8 +136,7 @@ def parse_config(
         raise ConfigError("", f"invalid YAML: {exc}") from None
     if data is None:
         data = {}
-    data = _expand(data, "", os.environ if environ is None else environ)
-    return _build_config(data, source)
+    return _expand(data, "", os.environ if environ is None else environ)
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -180,7 +188,7 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-class _Section:
+class Section:
     """A mapping being validated: typed getters that know their key path."""
 
     def __init__(self, data: Any, path: str, allowed: tuple[str, ...]) -> None:
@@ -257,18 +265,19 @@ def _type_name(value: Any) -> str:
 T = TypeVar("T")
 
 
-def _optional_section(
-    parent: _Section, key: str, allowed: tuple[str, ...], build: Callable[[_Section], T], default: T
+def optional_section(
+    parent: Section, key: str, allowed: tuple[str, ...], build: Callable[[Section], T], default: T
 ) -> T:
     value = parent.data.get(key)
     if value is None:
         return default
-    return build(_Section(value, parent.at(key), allowed))
+    return build(Section(value, parent.at(key), allowed))
 
 
 def _build_config(data: Any, source: str) -> Config:
-    top = _Section(data, "", ("listen", "upstreams", "log_level"))
-    listen = _optional_section(
+    # The emulator section is validated by sigproxy.emulator.config.
+    top = Section(data, "", ("listen", "upstreams", "log_level", "emulator"))
+    listen = optional_section(
         top,
         "listen",
         ("host", "port"),
@@ -288,7 +297,7 @@ def _build_config(data: Any, source: str) -> Config:
     names: dict[str, int] = {}
     routes: dict[tuple[str | None, str], str] = {}
     for i, raw in enumerate(raw_upstreams):
-        upstream = _build_upstream(_Section(raw, f"upstreams[{i}]", _UPSTREAM_KEYS))
+        upstream = _build_upstream(Section(raw, f"upstreams[{i}]", _UPSTREAM_KEYS))
         if upstream.name in names:
             raise ConfigError(
                 f"upstreams[{i}].name",
@@ -321,7 +330,7 @@ _UPSTREAM_KEYS = (
 )
 
 
-def _build_upstream(s: _Section) -> Upstream:
+def _build_upstream(s: Section) -> Upstream:
     name = s.text("name")
     if name is None:
         raise ConfigError(s.at("name"), "is required")
@@ -374,11 +383,11 @@ def _build_upstream(s: _Section) -> Upstream:
             )
         region = ""
 
-    credentials = _optional_section(s, "credentials", _CREDENTIAL_KEYS, _build_credentials, None)
+    credentials = optional_section(s, "credentials", _CREDENTIAL_KEYS, _build_credentials, None)
     if credentials is not None and auth == "none":
         raise ConfigError(s.at("credentials"), "is not used when auth is none; remove it")
 
-    timeout = _optional_section(
+    timeout = optional_section(
         s,
         "timeout",
         ("connect", "read"),
@@ -410,7 +419,7 @@ _CREDENTIAL_KEYS = ("profile", "role_arn", "external_id", "session_name", "durat
 _ROLE_ARN_RE = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]+$")
 
 
-def _build_credentials(c: _Section) -> CredentialsSpec:
+def _build_credentials(c: Section) -> CredentialsSpec:
     role_arn = c.text("role_arn")
     if role_arn is not None and not _ROLE_ARN_RE.match(role_arn):
         raise ConfigError(
