@@ -599,6 +599,18 @@ async def test_without_cors_config_options_reaches_the_function(function_url: Se
 # --- config ----------------------------------------------------------------------------
 
 
+def test_example_emulator_config_is_valid() -> None:
+    from pathlib import Path
+
+    from sigproxy.emulator.config import load_emulator_config
+
+    root = Path(__file__).resolve().parent.parent
+    config = load_emulator_config(str(root / "examples" / "emulator.yaml"), environ={})
+    assert [f.name for f in config.functions] == ["hello", "router", "webhook"]
+    assert config.base_dir == str(root / "examples")
+    assert config.callers[0].access_key_id == "AKIDLOCALEXAMPLE0001"
+
+
 def test_emulator_config_section() -> None:
     config = build_emulator_config(
         {
