@@ -16,9 +16,10 @@ from collections.abc import Sequence
 
 from . import __version__
 from .app import serve
-from .config import LOG_LEVELS, Config, Listen, load_config
+from .config import LOG_FORMATS, LOG_LEVELS, Config, Listen, load_config
 from .credentials import CredentialStore
-from .errors import ConfigError, SigproxyError
+from .errors import ConfigError, ListenError, SigproxyError
+from .logs import setup_logging
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -43,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
             help="YAML config file (default: $SIGPROXY_CONFIG or ./sigproxy.yaml)",
         )
         p.add_argument("--log-level", choices=LOG_LEVELS, default=None, help="override log_level")
+        p.add_argument(
+            "--log-format", choices=LOG_FORMATS, default=None, help="override log_format"
+        )
 
     serve_p = sub.add_parser("serve", help="run the proxy")
     add_config(serve_p)
@@ -92,11 +96,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = _apply_overrides(config, args)
     except ConfigError as exc:
         return _fail(f"{args.config}: {exc}")
-    _setup_logging(args.log_level or config.log_level)
+    setup_logging(args.log_level or config.log_level, args.log_format or config.log_format)
     try:
         if args.command == "check":
             return _check(config)
-        return _serve(config)
+        return _serve(config, args.config, args)
     except SigproxyError as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:
@@ -120,39 +124,6 @@ def _apply_overrides(config: Config, args: argparse.Namespace) -> Config:
 def _fail(message: str) -> int:
     print(f"sigproxy: error: {message}", file=sys.stderr)
     return EXIT_USAGE
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
-    # botocore's debug output includes canonical requests, which carry session tokens.
-    # No level of ours lets it through.
-    logging.getLogger("botocore").setLevel(logging.WARNING)
-    logging.getLogger("aiohttp.access").disabled = True
-    server_logger = logging.getLogger("aiohttp.server")
-    if not any(isinstance(f, RedactProtocolErrors) for f in server_logger.filters):
-        server_logger.addFilter(RedactProtocolErrors())
-
-
-class RedactProtocolErrors(logging.Filter):
-    """aiohttp logs a malformed request with the raw request line, query values and all,
-    in its exception text. Keep the record, drop the raw bytes: log the exception's type
-    and the first line of its message only."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and record.exc_info[1] is not None:
-            exc = record.exc_info[1]
-            detail = getattr(exc, "message", None) or str(exc)
-            first = str(detail).strip().splitlines()[0] if str(detail).strip() else ""
-            record.msg = f"{record.getMessage()}: {type(exc).__name__}: {first}"
-            record.args = None
-            record.exc_info = None
-            record.exc_text = None
-        return True
 
 
 def _check(config: Config) -> int:
@@ -180,7 +151,7 @@ def _check(config: Config) -> int:
     return EXIT_OK
 
 
-def _serve(config: Config) -> int:
+def _serve(config: Config, path: str, args: argparse.Namespace) -> int:
     store = CredentialStore.resolve(config)
     for upstream in config.upstreams:
         source = store.get(upstream.name)
@@ -193,19 +164,22 @@ def _serve(config: Config) -> int:
             upstream.auth,
             "-" if source is None else f"{source.description} ({source.method})",
         )
-    asyncio.run(serve(config, store))
+    asyncio.run(serve(config, store, load=lambda: _apply_overrides(load_config(path), args)))
     return EXIT_OK
 
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    _setup_logging(args.log_level)
+    setup_logging(args.log_level)
+    if not 0 <= args.port <= 65535:
+        return _fail(f"--port: must be between 0 and 65535, got {args.port}")
     try:
         asyncio.run(run_demo(args.host, args.port))
+    except ListenError as exc:
+        return _fail(f"{exc} (try --port 0 for any free port)")
     except SigproxyError as exc:
-        hint = " (another program has the port: try --port 0)" if "listen" in str(exc) else ""
-        return _fail(f"{exc}{hint}")
+        return _fail(str(exc))
     except KeyboardInterrupt:
         pass
     return EXIT_OK
@@ -216,8 +190,10 @@ def _emulate(args: argparse.Namespace) -> int:
     from .emulator.handlers import HandlerLoadError
     from .emulator.run import config_from_flags, run_emulator
 
-    _setup_logging(args.log_level)
+    setup_logging(args.log_level)
     try:
+        if not 0 <= args.port <= 65535:
+            raise ConfigError("--port", f"must be between 0 and 65535, got {args.port}")
         if args.config and args.handler:
             raise ConfigError("--handler", "give either --config or --handler, not both")
         if args.config:
@@ -240,7 +216,7 @@ def _emulate(args: argparse.Namespace) -> int:
         where = f"{args.config}: " if args.config else ""
         return _fail(f"{where}{exc}")
     except HandlerLoadError as exc:
-        return _fail(f"cannot load handler {exc}")
+        return _fail(f"cannot load handler: {exc}")
     except SigproxyError as exc:
         return _fail(str(exc))
     except OSError as exc:
