@@ -6,16 +6,19 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from .admin import CredentialCollector, ServerState, create_admin_app
 from .config import Config
 from .credentials import CredentialStore
-from .errors import ListenError
+from .errors import ConfigError, CredentialsError, ListenError
 from .metrics import Metrics
-from .proxy import Proxy
+from .notify import Notifier
+from .proxy import Proxy, RouteTable
 
 log = logging.getLogger("sigproxy")
 
@@ -36,7 +39,8 @@ def create_app(
     """
     store = credentials if credentials is not None else CredentialStore.resolve(config)
     metrics = Metrics(registry)
-    proxy = Proxy(config, store, metrics)
+    proxy = Proxy(RouteTable(config, store), metrics)
+    metrics.registry.register(CredentialCollector(lambda: proxy.table))
     app = web.Application()
     app[PROXY_KEY] = proxy
     app[METRICS_KEY] = metrics
@@ -86,30 +90,135 @@ async def stop_signals() -> AsyncIterator[asyncio.Event]:
 async def start_proxy(config: Config, credentials: CredentialStore) -> web.AppRunner:
     """Set up the app and open its listening socket; returns the runner to clean up."""
     runner = make_runner(create_app(config, credentials=credentials))
+    await _listen(runner, config.listen.host, config.listen.port, "sigproxy")
+    return runner
+
+
+async def _listen(runner: web.AppRunner, host: str, port: int, what: str) -> None:
     await runner.setup()
-    site = web.TCPSite(runner, config.listen.host, config.listen.port, reuse_address=True)
+    site = web.TCPSite(runner, host, port, reuse_address=True)
     try:
         await site.start()
     except OSError as exc:
         await runner.cleanup()
-        raise ListenError(
-            f"cannot listen on {config.listen.host}:{config.listen.port}: {exc.strerror or exc}"
-        ) from None
+        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     for address in listening_urls(runner):
-        log.info("sigproxy listening on %s", address)
-    return runner
+        log.info("%s listening on %s", what, address)
 
 
-async def serve(config: Config, credentials: CredentialStore) -> None:
-    """Serve until SIGTERM or SIGINT, then stop accepting and let requests finish."""
-    async with stop_signals() as stop:
-        runner = await start_proxy(config, credentials)
-        try:
-            await stop.wait()
-            log.info("stopping: no new connections, letting requests in flight finish")
-        finally:
-            await runner.cleanup()
-    log.info("stopped")
+class Server:
+    """A running sigproxy: the proxy and admin listeners, SIGHUP reload, graceful stop
+    on SIGTERM/SIGINT, and systemd notifications."""
+
+    def __init__(
+        self,
+        config: Config,
+        credentials: CredentialStore,
+        *,
+        load: Callable[[], Config] | None = None,
+        notifier: Notifier | None = None,
+    ) -> None:
+        self.config = config
+        self._load = load
+        self.notifier = notifier or Notifier()
+        self.state = ServerState()
+        self.app = create_app(config, credentials=credentials)
+        self.proxy = self.app[PROXY_KEY]
+        self.metrics = self.app[METRICS_KEY]
+        self._runner = make_runner(self.app, shutdown_timeout=config.grace_period)
+        self._admin: web.AppRunner | None = None
+        self._reload_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        config = self.config
+        await _listen(self._runner, config.listen.host, config.listen.port, "sigproxy")
+        if config.admin is not None:
+            admin_app = create_admin_app(self.proxy, self.metrics, self.state)
+            self._admin = web.AppRunner(admin_app, access_log=None)
+            try:
+                await _listen(self._admin, config.admin.host, config.admin.port, "admin")
+            except ListenError:
+                await self._runner.cleanup()
+                raise
+        self.state.listening = True
+        self.notifier.ready(f"serving {len(config.upstreams)} upstream(s)")
+        if self.notifier.watchdog_interval is not None:
+            self._spawn(self.notifier.watchdog())
+
+    async def reload(self) -> bool:
+        """Re-read the config; swap in its routes and credentials, or keep the old ones."""
+        if self._load is None:
+            log.warning("reload requested, but there is no config file to re-read")
+            return False
+        async with self._reload_lock:
+            self.notifier.reloading()
+            try:
+                config = self._load()
+                store = await asyncio.get_running_loop().run_in_executor(
+                    None, CredentialStore.resolve, config, self.proxy.table.credentials
+                )
+                table = RouteTable(config, store)
+            except (ConfigError, CredentialsError) as exc:
+                self.metrics.config_reloads.labels("failure").inc()
+                log.error("reload rejected, still serving the previous config: %s", exc)
+                return False
+            finally:
+                self.notifier.ready()
+            for what, old, new in (
+                ("listen", self.config.listen, config.listen),
+                ("admin", self.config.admin, config.admin),
+                ("grace_period", self.config.grace_period, config.grace_period),
+            ):
+                if old != new:
+                    log.warning("reload: %s changes take effect at the next restart", what)
+            self.proxy.swap(table)
+            self.config = config
+            logging.getLogger().setLevel(config.log_level.upper())
+            self.metrics.config_reloads.labels("success").inc()
+            log.info("config reloaded: %d upstream(s)", len(config.upstreams))
+            return True
+
+    async def stop(self) -> None:
+        """Stop accepting, let requests in flight finish (up to grace_period), close."""
+        self.state.stopping = True
+        self.notifier.stopping()
+        log.info(
+            "stopping: no new connections, letting requests in flight finish (up to %gs)",
+            self.config.grace_period,
+        )
+        for task in self._tasks:
+            task.cancel()
+        await self._runner.cleanup()
+        if self._admin is not None:
+            await self._admin.cleanup()
+        log.info("stopped")
+
+    async def run(self) -> None:
+        """Serve until SIGTERM or SIGINT; SIGHUP reloads."""
+        loop = asyncio.get_running_loop()
+        async with stop_signals() as stop:
+            loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
+            try:
+                await self.start()
+                try:
+                    await stop.wait()
+                finally:
+                    await self.stop()
+            finally:
+                loop.remove_signal_handler(signal.SIGHUP)
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+async def serve(
+    config: Config, credentials: CredentialStore, load: Callable[[], Config] | None = None
+) -> None:
+    """Serve until SIGTERM or SIGINT, reloading ``load()`` on SIGHUP."""
+    await Server(config, credentials, load=load).run()
 
 
 def listening_urls(runner: web.BaseRunner) -> list[str]:

@@ -25,6 +25,7 @@ from .errors import BadRequest, ConfigError
 
 DEFAULT_MAX_BODY_BYTES = 6 * 1024 * 1024  # Function URL request payload limit
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 
 AuthMode = Literal["aws_iam", "none"]
 
@@ -45,6 +46,14 @@ _ENV_RE = re.compile(r"\$(?:\$|\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\})")
 class Listen:
     host: str = "127.0.0.1"
     port: int = 8080
+
+
+@dataclass(frozen=True, slots=True)
+class Admin:
+    """The admin listener: /metrics, /healthz, /readyz."""
+
+    host: str = "127.0.0.1"
+    port: int = 9090
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +107,11 @@ class Config:
     listen: Listen
     upstreams: tuple[Upstream, ...]
     log_level: str = "info"
+    log_format: str = "text"
+    admin: Admin | None = Admin()
+    """None when the admin listener is disabled (``admin: false``)."""
+    grace_period: float = 30.0
+    """Seconds requests in flight may take to finish after SIGTERM."""
     source: str = field(default="<config>", compare=False)
 
 
@@ -276,7 +290,11 @@ def optional_section(
 
 def _build_config(data: Any, source: str) -> Config:
     # The emulator section is validated by sigproxy.emulator.config.
-    top = Section(data, "", ("listen", "upstreams", "log_level", "emulator"))
+    top = Section(
+        data,
+        "",
+        ("listen", "admin", "upstreams", "log_level", "log_format", "grace_period", "emulator"),
+    )
     listen = optional_section(
         top,
         "listen",
@@ -288,6 +306,9 @@ def _build_config(data: Any, source: str) -> Config:
         Listen(),
     )
     log_level = top.choice("log_level", "info", LOG_LEVELS)
+    log_format = top.choice("log_format", "text", LOG_FORMATS)
+    grace_period = top.seconds("grace_period", 30.0)
+    admin = _build_admin(top, listen)
     raw_upstreams = top.data.get("upstreams")
     if raw_upstreams is None:
         raise ConfigError("upstreams", "is required: list at least one upstream")
@@ -313,7 +334,36 @@ def _build_config(data: Any, source: str) -> Config:
             )
         routes[route] = upstream.name
         upstreams.append(upstream)
-    return Config(listen=listen, upstreams=tuple(upstreams), log_level=log_level, source=source)
+    return Config(
+        listen=listen,
+        upstreams=tuple(upstreams),
+        log_level=log_level,
+        log_format=log_format,
+        admin=admin,
+        grace_period=grace_period,
+        source=source,
+    )
+
+
+def _build_admin(top: Section, listen: Listen) -> Admin | None:
+    raw = top.data.get("admin")
+    admin: Admin | None = Admin()
+    if raw is False:
+        admin = None
+    elif raw is not None and raw is not True:
+        s = Section(raw, "admin", ("host", "port", "enabled"))
+        enabled = s.data.get("enabled", True)
+        if not isinstance(enabled, bool):
+            raise ConfigError("admin.enabled", "must be true or false")
+        admin = Admin(
+            host=s.text("host", "127.0.0.1") or "127.0.0.1",
+            port=s.integer("port", 9090, 0, 65535) or 0,
+        )
+        if not enabled:
+            admin = None
+    if admin is not None and admin.port and (admin.host, admin.port) == (listen.host, listen.port):
+        raise ConfigError("admin.port", f"{admin.port} is the proxy's own port (listen.port)")
+    return admin
 
 
 _UPSTREAM_KEYS = (

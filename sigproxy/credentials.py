@@ -185,8 +185,13 @@ def _describe_error(exc: BaseException) -> str:
 class CredentialStore:
     """The credential source of every ``aws_iam`` upstream, by upstream name."""
 
-    def __init__(self, sources: Mapping[str, CredentialSource]) -> None:
+    def __init__(
+        self,
+        sources: Mapping[str, CredentialSource],
+        by_spec: Mapping[CredentialsSpec, CredentialSource] | None = None,
+    ) -> None:
         self._sources = dict(sources)
+        self._by_spec = dict(by_spec or {})
 
     def get(self, upstream_name: str) -> CredentialSource | None:
         return self._sources.get(upstream_name)
@@ -195,18 +200,21 @@ class CredentialStore:
         return list(self._sources.items())
 
     @classmethod
-    def resolve(cls, config: Config) -> CredentialStore:
-        """Find credentials for every ``aws_iam`` upstream now (blocking; startup only).
+    def resolve(cls, config: Config, previous: CredentialStore | None = None) -> CredentialStore:
+        """Find credentials for every ``aws_iam`` upstream now (blocking: run it before
+        serving, or off the loop on reload).
 
-        Upstreams with the same ``credentials`` settings share one source.
+        Upstreams with the same ``credentials`` settings share one source, and on a reload
+        a source whose settings are unchanged is kept (with its refresh state).
         Raises :class:`CredentialsError` naming the upstream when any are missing.
         """
         by_spec: dict[CredentialsSpec, CredentialSource] = {}
         sources: dict[str, CredentialSource] = {}
+        kept = previous._by_spec if previous is not None else {}
         for i, upstream in enumerate(config.upstreams):
             if upstream.auth != "aws_iam":
                 continue
-            source = by_spec.get(upstream.credentials)
+            source = by_spec.get(upstream.credentials) or kept.get(upstream.credentials)
             if source is None:
                 try:
                     source = _resolve_spec(upstream.credentials, upstream.region)
@@ -215,9 +223,9 @@ class CredentialStore:
                         f"upstreams[{i}] ({upstream.name}): no usable AWS credentials from "
                         f"{upstream.credentials.describe()}: {exc}"
                     ) from None
-                by_spec[upstream.credentials] = source
+            by_spec[upstream.credentials] = source
             sources[upstream.name] = source
-        return cls(sources)
+        return cls(sources, by_spec)
 
     @classmethod
     def static_for(cls, config: Config, source: CredentialSource) -> CredentialStore:

@@ -6,7 +6,21 @@ statuses are codes; never paths, hosts or ids.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import platform
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+)
+
+from . import __version__
+
+# Counters and histograms without a `_created` series each: half the series to scrape.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 NO_UPSTREAM = "none"
@@ -75,3 +89,11 @@ class Metrics:
             buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05),
             registry=r,
         )
+        self.config_reloads = Counter(
+            "sigproxy_config_reloads",
+            "Config reloads (SIGHUP), by result.",
+            ["result"],
+            registry=r,
+        )
+        self.build = Info("sigproxy_build", "sigproxy version and runtime.", registry=r)
+        self.build.info({"version": __version__, "python": platform.python_version()})

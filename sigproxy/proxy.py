@@ -79,19 +79,20 @@ class _Target:
     timeout: aiohttp.ClientTimeout
 
 
-class Proxy:
-    """Owns the route table, the client session and the per-request work."""
+class RouteTable:
+    """Everything requests need from one config, built once and never changed: a reload
+    swaps in a whole new table, and a request keeps the table it started with."""
 
-    def __init__(self, config: Config, credentials: CredentialStore, metrics: Metrics) -> None:
+    def __init__(self, config: Config, credentials: CredentialStore) -> None:
         self.config = config
+        self.credentials = credentials
         self.router = Router(config.upstreams)
-        self.metrics = metrics
-        self._targets: dict[str, _Target] = {}
+        self.targets: dict[str, _Target] = {}
         for upstream in config.upstreams:
             source = credentials.get(upstream.name)
             if upstream.auth == "aws_iam" and source is None:
                 raise ValueError(f"no credential source for aws_iam upstream {upstream.name!r}")
-            self._targets[upstream.name] = _Target(
+            self.targets[upstream.name] = _Target(
                 upstream=upstream,
                 credentials=source,
                 timeout=aiohttp.ClientTimeout(
@@ -100,7 +101,19 @@ class Proxy:
                     sock_read=upstream.timeout.read,
                 ),
             )
+
+
+class Proxy:
+    """Owns the current route table, the client session and the per-request work."""
+
+    def __init__(self, table: RouteTable, metrics: Metrics) -> None:
+        self.table = table
+        self.metrics = metrics
         self._session: aiohttp.ClientSession | None = None
+
+    def swap(self, table: RouteTable) -> None:
+        """Serve new requests from ``table``; requests in flight finish on the old one."""
+        self.table = table
 
     async def open(self) -> None:
         """Create the shared client session (keep-alive pools, TLS verified)."""
@@ -130,22 +143,23 @@ class Proxy:
         sent = 0
         body_len = 0
         upstream_time: float | None = None
+        table = self.table
         try:
             try:
                 expect = request.headers.get("Expect")
                 if expect is not None and expect.lower() != "100-continue":
                     raise ExpectationFailed("only 'Expect: 100-continue' is supported")
                 target_path, query = self._target_of(request)
-                match = self.router.match(request.host, target_path)
+                match = table.router.match(request.host, target_path)
                 if match is None:
                     raise NoRoute(
                         "no upstream is configured for this path",
                         path=target_path,
-                        prefixes=list(self.router.prefixes),
+                        prefixes=list(table.router.prefixes),
                     )
                 upstream = match.upstream
                 upstream_name = upstream.name
-                target = self._targets[upstream_name]
+                target = table.targets[upstream_name]
                 body = await _read_body(request, upstream.max_body_bytes)
                 body_len = len(body)
                 outgoing = match.path + ("?" + query if query else "")
@@ -204,18 +218,31 @@ class Proxy:
                 m.request_bytes.labels(upstream_name).inc(body_len)
             if sent:
                 m.response_bytes.labels(upstream_name).inc(sent)
-            access_log.info(
-                "%s %s %s %s %s in=%d out=%d total_ms=%.1f upstream_ms=%s",
-                request_id,
-                upstream_name,
-                request.method,
-                request.path,
-                status,
-                body_len,
-                sent,
-                elapsed * 1000,
-                "-" if upstream_time is None else f"{upstream_time * 1000:.1f}",
-            )
+            if access_log.isEnabledFor(logging.INFO):
+                upstream_ms = None if upstream_time is None else round(upstream_time * 1000, 1)
+                access_log.info(
+                    "%s %s %s %s %s in=%d out=%d total_ms=%.1f upstream_ms=%s",
+                    request_id,
+                    upstream_name,
+                    request.method,
+                    request.path,
+                    status,
+                    body_len,
+                    sent,
+                    elapsed * 1000,
+                    "-" if upstream_ms is None else upstream_ms,
+                    extra={
+                        "request_id": request_id,
+                        "upstream": upstream_name,
+                        "method": request.method,
+                        "path": request.path,
+                        "status": status,
+                        "bytes_in": body_len,
+                        "bytes_out": sent,
+                        "total_ms": round(elapsed * 1000, 1),
+                        "upstream_ms": upstream_ms,
+                    },
+                )
 
     async def expect(self, request: web.Request) -> web.StreamResponse | None:
         """Answer ``Expect: 100-continue``. A body the route would refuse gets no
@@ -228,7 +255,7 @@ class Proxy:
                 path, _ = self._target_of(request)
             except ProxyError:
                 return None  # the handler answers 400
-            match = self.router.match(request.host, path)
+            match = self.table.router.match(request.host, path)
             if match is None or length > match.upstream.max_body_bytes:
                 return None  # the handler answers 404 or 413
         if request.version >= (1, 1):
