@@ -99,8 +99,10 @@ async def start_proxy() -> AsyncIterator[StartProxy]:
 
 
 def one_upstream(port: int, **extra: object) -> str:
-    """YAML for a proxy with one aws_iam upstream at ``/`` on the fake server."""
+    """YAML for a proxy with one aws_iam upstream at ``/`` on the fake server (and the
+    admin listener on a free port, so test processes never fight over 9090)."""
     lines = [
+        "admin: {port: 0}",
         "upstreams:",
         "  - name: fn",
         f"    url: http://127.0.0.1:{port}",

@@ -172,6 +172,7 @@ class Served:
     port: int
     stderr: list[str] = field(default_factory=list)
     drain: asyncio.Task[None] | None = None
+    admin_port: int | None = None
 
     @property
     def url(self) -> str:
@@ -190,28 +191,36 @@ class Served:
 
 
 @contextlib.asynccontextmanager
-async def serve_process(config_path: str, *args: str) -> AsyncIterator[Served]:
+async def serve_process(
+    config_path: str, *args: str, env: dict[str, str] | None = None
+) -> AsyncIterator[Served]:
+    """Run ``sigproxy serve`` until it has logged that it listens (proxy, and admin when
+    the config has it on), draining its stderr into ``Served.stderr``."""
+    with open(config_path) as fh:
+        expect_admin = "admin: false" not in fh.read()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "sigproxy", "serve", "--config", config_path, "--port", "0", *args,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
-        env=creds_env(),
+        env=env if env is not None else creds_env(),
         cwd=ROOT,
     )  # fmt: skip
     assert proc.stderr is not None
     lines: list[str] = []
-    port = None
+    port = admin_port = None
     try:
-        while port is None:
+        while port is None or (expect_admin and admin_port is None):
             raw = await asyncio.wait_for(proc.stderr.readline(), 30)
             if not raw:
                 raise AssertionError("sigproxy exited before listening:\n" + "".join(lines))
             line = raw.decode()
             lines.append(line)
-            m = re.search(r"sigproxy listening on http://127\.0\.0\.1:(\d+)", line)
-            if m:
-                port = int(m.group(1))
-        served = Served(proc, port, lines)
+            m = re.search(r"(sigproxy|admin) listening on http://127\.0\.0\.1:(\d+)", line)
+            if m and m.group(1) == "sigproxy":
+                port = int(m.group(2))
+            elif m:
+                admin_port = int(m.group(2))
+        served = Served(proc, port, lines, admin_port=admin_port)
 
         async def drain() -> None:
             assert proc.stderr is not None
