@@ -16,6 +16,7 @@ from .admin import CredentialCollector, ServerState, create_admin_app
 from .config import Config
 from .credentials import CredentialStore
 from .errors import ConfigError, CredentialsError, ListenError
+from .logs import protect_secrets
 from .metrics import Metrics
 from .notify import Notifier
 from .proxy import Proxy, RouteTable
@@ -37,6 +38,7 @@ def create_app(
     ``credentials`` defaults to resolving every upstream's credentials now (blocking);
     ``registry`` defaults to a fresh registry, so apps never share metrics by accident.
     """
+    protect_secrets()
     store = credentials if credentials is not None else CredentialStore.resolve(config)
     metrics = Metrics(registry)
     proxy = Proxy(RouteTable(config, store), metrics)

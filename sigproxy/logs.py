@@ -65,9 +65,16 @@ def setup_logging(level: str, fmt: str = "text") -> None:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    protect_secrets()
+
+
+def protect_secrets() -> None:
+    """Keep other libraries' log lines free of secrets whatever the root level is.
+    Called by the CLI and by every app factory, so embedding sigproxy is safe too."""
     # botocore's debug output includes canonical requests, which carry session tokens.
-    logging.getLogger("botocore").setLevel(logging.WARNING)
-    logging.getLogger("aiohttp.access").disabled = True
+    botocore_logger = logging.getLogger("botocore")
+    if botocore_logger.getEffectiveLevel() < logging.WARNING:
+        botocore_logger.setLevel(logging.WARNING)
     server_logger = logging.getLogger("aiohttp.server")
     if not any(isinstance(f, RedactProtocolErrors) for f in server_logger.filters):
         server_logger.addFilter(RedactProtocolErrors())

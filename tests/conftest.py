@@ -43,7 +43,8 @@ def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, str]:
 async def upstream(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> FakeFunctionUrl:
     """A running fake Function URL; ``upstream.port`` is its port."""
     fake = FakeFunctionUrl()
-    server = await aiohttp_server(fake.app())
+    # No access log: it would print the query strings the tests send as secrets.
+    server = await aiohttp_server(fake.app(), access_log=None)
     fake.port = server.port
     return fake
 

@@ -159,7 +159,8 @@ async def sts(
     aiohttp_server: Callable[..., Awaitable[TestServer]], monkeypatch: pytest.MonkeyPatch
 ) -> FakeSts:
     fake = FakeSts()
-    server = await aiohttp_server(fake.app())
+    # No access log: it would print the query strings the tests send as secrets.
+    server = await aiohttp_server(fake.app(), access_log=None)
     # botocore's per-service endpoint override: the real STS client talks to the fake.
     monkeypatch.setenv("AWS_ENDPOINT_URL_STS", f"http://127.0.0.1:{server.port}")
     return fake

@@ -59,7 +59,7 @@ async def function_url(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> 
     async def serve(handler: Any = echo_event, **fields: Any) -> str:
         fn = FunctionConfig(name=fields.pop("name", "fn"), handler="unused:handler", **fields)
         emulator = EmulatorConfig(region=REGION, callers=(CALLER, PERMANENT), functions=(fn,))
-        server = await aiohttp_server(FunctionUrl(fn, emulator, handler).app())
+        server = await aiohttp_server(FunctionUrl(fn, emulator, handler).app(), access_log=None)
         return f"http://127.0.0.1:{server.port}"
 
     return serve

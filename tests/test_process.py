@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
 import re
 import signal
@@ -233,6 +234,8 @@ async def serve_process(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+        # Into the run's log file too, where .ci/run greps for secrets.
+        logging.getLogger("tests.sigproxy-process").debug("stderr:\n%s", "".join(lines))
 
 
 async def test_serve_signs_and_stops_on_sigterm(upstream: FakeFunctionUrl, tmp_path: Path) -> None:

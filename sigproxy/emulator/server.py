@@ -15,6 +15,7 @@ from pathlib import Path
 from aiohttp import web
 from multidict import CIMultiDict
 
+from ..logs import protect_secrets
 from .config import EmulatorConfig, FunctionConfig
 from .cors import is_preflight, preflight_headers, response_headers
 from .events import MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, MalformedResult, build_event, map_result
@@ -44,6 +45,7 @@ class FunctionUrl:
         self._clock = clock or (lambda: datetime.datetime.now(datetime.UTC))
 
     def app(self) -> web.Application:
+        protect_secrets()
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self.handle)
         return app

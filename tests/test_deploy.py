@@ -1,0 +1,89 @@
+"""The deployment files agree with sigproxy: their configs load, drain times leave room
+for grace_period, and the image runs as non-root with its health check on /healthz.
+(Schema and lint checks of the same files run in .ci/run with hadolint,
+kubernetes-validate, check-jsonschema and systemd-analyze.)"""
+
+from __future__ import annotations
+
+import configparser
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from sigproxy.config import parse_config
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+
+
+def k8s_docs(name: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all((DEPLOY / "kubernetes" / name).read_text()) if d]
+
+
+@pytest.mark.parametrize("name", ["sidecar.yaml", "shared.yaml"])
+def test_kubernetes_configmap_loads_and_drain_fits(name: str) -> None:
+    docs = k8s_docs(name)
+    (configmap,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    config = parse_config(configmap["data"]["sigproxy.yaml"])
+    assert config.admin is not None
+    assert config.admin.host == "0.0.0.0"  # the kubelet probes the pod IP
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] > config.grace_period
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    proxies = [
+        c for c in pod.get("initContainers", []) + pod["containers"] if "sigproxy" in c["image"]
+    ]
+    (proxy,) = proxies
+    assert proxy["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert proxy["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert proxy["securityContext"]["readOnlyRootFilesystem"] is True
+    assert proxy["resources"]["requests"]
+    if name == "sidecar.yaml":
+        assert proxy["restartPolicy"] == "Always"  # a native sidecar
+        assert config.listen.host == "127.0.0.1"
+    (account,) = [d for d in docs if d["kind"] == "ServiceAccount"]
+    assert account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].startswith(
+        "arn:aws:iam::"
+    )
+
+
+def test_shared_has_service_and_autoscaler() -> None:
+    kinds = {d["kind"] for d in k8s_docs("shared.yaml")}
+    assert {"Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy"} <= kinds
+
+
+def test_compose_config_loads() -> None:
+    config = parse_config((DEPLOY / "compose" / "sigproxy.yaml").read_text())
+    compose = yaml.safe_load((DEPLOY / "compose" / "compose.yaml").read_text())
+    service = compose["services"]["sigproxy"]
+    assert any(v.endswith(":/aws:ro") for v in service["volumes"])
+    assert any(v.endswith("sigproxy.yaml:ro") for v in service["volumes"])
+    assert service["read_only"] is True
+    assert int(service["stop_grace_period"].rstrip("s")) > config.grace_period
+
+
+def test_systemd_unit() -> None:
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str  # type: ignore[assignment,method-assign]
+    unit.read_string((DEPLOY / "systemd" / "sigproxy.service").read_text())
+    service = unit["Service"]
+    assert service["Type"] == "notify"
+    assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    assert service["Restart"] == "on-failure"
+    assert int(service["WatchdogSec"]) > 0
+    assert int(service["TimeoutStopSec"]) > 30  # the default grace_period
+    assert service["DynamicUser"] == "yes"
+    for option in ("ProtectSystem", "NoNewPrivileges", "PrivateTmp", "RestrictAddressFamilies"):
+        assert option in service
+    assert service["CapabilityBoundingSet"] == ""
+
+
+def test_dockerfile() -> None:
+    text = (DEPLOY / "docker" / "Dockerfile").read_text()
+    users = re.findall(r"^USER (\S+)", text, re.M)
+    assert users and users[-1] not in ("root", "0")
+    assert re.search(r"^HEALTHCHECK .*\n.*127\.0\.0\.1:9090/healthz", text, re.M)
+    assert re.search(r'^ENTRYPOINT \["sigproxy"\]', text, re.M)  # exec form: gets SIGTERM
