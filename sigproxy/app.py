@@ -19,6 +19,7 @@ from .errors import ConfigError, CredentialsError, ListenError
 from .logs import protect_secrets
 from .metrics import Metrics
 from .notify import Notifier
+from .protocol import ProxyRunner
 from .proxy import Proxy, RouteTable
 
 log = logging.getLogger("sigproxy")
@@ -58,16 +59,20 @@ def create_app(
     return app
 
 
-def make_runner(app: web.Application, *, shutdown_timeout: float = 30.0) -> web.AppRunner:
+def make_runner(
+    app: web.Application, *, shutdown_timeout: float = 30.0, idle_timeout: float = 15.0
+) -> web.AppRunner:
     """An AppRunner set up the way sigproxy serves: a client that disconnects cancels
-    its handler (and so its upstream request), and aiohttp's own access log (which would
+    its handler (and so its upstream request); aiohttp's own access log (which would
     print query strings) is off in favour of sigproxy's; request bodies are not
-    decompressed."""
-    return web.AppRunner(
+    decompressed; parser errors are answered in JSON; a connection that sends no
+    complete request head within ``idle_timeout`` seconds is closed (slow clients)."""
+    return ProxyRunner(
         app,
         handler_cancellation=True,
         access_log=None,
         shutdown_timeout=shutdown_timeout,
+        keepalive_timeout=idle_timeout,
         # Request bodies go upstream byte for byte, Content-Encoding and all: the hash
         # is of what is sent, and the function decides what to do with gzip.
         auto_decompress=False,

@@ -621,11 +621,6 @@ async def test_obs_text_response_header_is_not_silently_altered(
         assert [v for k, v in headers if k == b"X-Up"] in ([], [b"caf\xe9!"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 5 (bad input): requests refused by aiohttp's HTTP parser get a "
-    "text/plain 400 body, not a JSON error",
-)
 @pytest.mark.parametrize("name", ["cl_and_te", "duplicate_cl", "obs_fold"])
 async def test_parser_level_400s_have_json_bodies(
     upstream: FakeFunctionUrl, start_proxy: StartProxy, name: str
