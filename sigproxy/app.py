@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
 from aiohttp import web
@@ -44,10 +44,19 @@ def create_app(
     metrics = Metrics(registry)
     proxy = Proxy(RouteTable(config, store), metrics)
     metrics.registry.register(CredentialCollector(lambda: proxy.table))
-    app = web.Application()
+
+    @web.middleware
+    async def every_request(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        # The router can't match CONNECT's authority-form or OPTIONS *; the proxy
+        # handles every request itself, whatever its target.
+        return await proxy.handle(request)
+
+    app = web.Application(middlewares=[every_request])
     app[PROXY_KEY] = proxy
     app[METRICS_KEY] = metrics
-    # One catch-all route: the proxy port claims no paths of its own.
+    # One catch-all route (for its Expect handler): the proxy port claims no paths.
     app.router.add_route("*", "/{tail:.*}", proxy.handle, expect_handler=proxy.expect)
 
     async def client_session(app: web.Application) -> AsyncIterator[None]:

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from .canonical import normalize_path
+from .cors import CorsConfig
 from .errors import BadRequest, ConfigError
 
 DEFAULT_MAX_BODY_BYTES = 6 * 1024 * 1024  # Function URL request payload limit
@@ -100,6 +101,29 @@ class Upstream:
     credentials: CredentialsSpec
     timeout: Timeouts
     max_body_bytes: int
+    cors: CorsConfig | None = None
+    url_host: str = ""
+    """The URL's host name, lower-cased: what a forward-proxy request names."""
+
+
+@dataclass(frozen=True, slots=True)
+class InboundAuth:
+    """Who may use the proxy: a token in ``Authorization: Bearer <token>`` or, with
+    ``header`` set, the token as that header's whole value."""
+
+    tokens: tuple[str, ...]
+    header: str = "Authorization"
+
+
+@dataclass(frozen=True, slots=True)
+class ClientTimeouts:
+    header: float = 15.0
+    """Seconds a connection may take to send a complete request head (and stay idle)."""
+    body: float = 60.0
+    """Seconds the request body may take to arrive."""
+
+
+DEFAULT_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +136,12 @@ class Config:
     """None when the admin listener is disabled (``admin: false``)."""
     grace_period: float = 30.0
     """Seconds requests in flight may take to finish after SIGTERM."""
+    inbound_auth: InboundAuth | None = None
+    allow_unauthenticated: bool = False
+    allowed_clients: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    """Empty: any client address."""
+    allowed_methods: tuple[str, ...] = DEFAULT_METHODS
+    client_timeouts: ClientTimeouts = ClientTimeouts()
     source: str = field(default="<config>", compare=False)
 
 
@@ -293,7 +323,20 @@ def _build_config(data: Any, source: str) -> Config:
     top = Section(
         data,
         "",
-        ("listen", "admin", "upstreams", "log_level", "log_format", "grace_period", "emulator"),
+        (
+            "listen",
+            "admin",
+            "upstreams",
+            "log_level",
+            "log_format",
+            "grace_period",
+            "inbound_auth",
+            "allow_unauthenticated",
+            "allowed_clients",
+            "allowed_methods",
+            "client_timeouts",
+            "emulator",
+        ),
     )
     listen = optional_section(
         top,
@@ -334,6 +377,19 @@ def _build_config(data: Any, source: str) -> Config:
             )
         routes[route] = upstream.name
         upstreams.append(upstream)
+    inbound_auth = optional_section(
+        top, "inbound_auth", ("tokens", "tokens_file", "header"), _build_inbound_auth, None
+    )
+    allow_unauth = top.data.get("allow_unauthenticated", False)
+    if not isinstance(allow_unauth, bool):
+        raise ConfigError("allow_unauthenticated", "must be true or false")
+    if not is_loopback(listen.host) and inbound_auth is None and not allow_unauth:
+        raise ConfigError(
+            "listen.host",
+            f"{listen.host} is not a loopback address, so others could reach the proxy and "
+            "call your functions with its AWS credentials: set inbound_auth (bearer tokens "
+            "or a shared header secret) or, on a network you trust, allow_unauthenticated: true",
+        )
     return Config(
         listen=listen,
         upstreams=tuple(upstreams),
@@ -341,8 +397,86 @@ def _build_config(data: Any, source: str) -> Config:
         log_format=log_format,
         admin=admin,
         grace_period=grace_period,
+        inbound_auth=inbound_auth,
+        allow_unauthenticated=allow_unauth,
+        allowed_clients=_build_clients(top),
+        allowed_methods=_build_methods(top),
+        client_timeouts=optional_section(
+            top,
+            "client_timeouts",
+            ("header", "body"),
+            lambda t: ClientTimeouts(
+                header=t.seconds("header", 15.0), body=t.seconds("body", 60.0)
+            ),
+            ClientTimeouts(),
+        ),
         source=source,
     )
+
+
+_TOKEN_RE = re.compile(r"^[\x21-\x7e]{16,}$")
+_HEADER_NAME_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+
+
+def _build_inbound_auth(a: Section) -> InboundAuth:
+    tokens: list[str] = []
+    raw = a.data.get("tokens")
+    if raw is not None:
+        if not isinstance(raw, list) or not all(isinstance(t, str) for t in raw):
+            raise ConfigError(a.at("tokens"), "must be a list of strings")
+        tokens.extend(t.strip() for t in raw if t.strip())
+    path = a.text("tokens_file")
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                tokens.extend(line.strip() for line in fh if line.strip())
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or "not UTF-8 text"
+            raise ConfigError(a.at("tokens_file"), f"cannot read {path}: {reason}") from None
+    if not tokens:
+        raise ConfigError(
+            "inbound_auth", "needs at least one token (tokens: [${VAR}] or tokens_file)"
+        )
+    for token in tokens:
+        if not _TOKEN_RE.match(token):
+            # The token itself never appears in the message.
+            raise ConfigError(
+                "inbound_auth", "tokens must be at least 16 printable characters without spaces"
+            )
+    header = a.text("header", "Authorization") or "Authorization"
+    if not _HEADER_NAME_RE.match(header):
+        raise ConfigError(a.at("header"), f"{header!r} is not a header name")
+    return InboundAuth(tokens=tuple(tokens), header=header)
+
+
+def _build_clients(top: Section) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    raw = top.data.get("allowed_clients")
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError("allowed_clients", "must be a non-empty list of addresses or CIDRs")
+    nets = []
+    for i, item in enumerate(raw):
+        try:
+            nets.append(ipaddress.ip_network(str(item), strict=False))
+        except ValueError:
+            raise ConfigError(
+                f"allowed_clients[{i}]", f"{item!r} is not an address or CIDR"
+            ) from None
+    return tuple(nets)
+
+
+def _build_methods(top: Section) -> tuple[str, ...]:
+    raw = top.data.get("allowed_methods")
+    if raw is None:
+        return DEFAULT_METHODS
+    if not isinstance(raw, list) or not raw or not all(isinstance(m, str) for m in raw):
+        raise ConfigError("allowed_methods", "must be a non-empty list of HTTP methods")
+    methods = tuple(m.upper() for m in raw)
+    for i, m in enumerate(methods):
+        if not re.fullmatch(r"[A-Z]{1,20}", m) or m == "CONNECT":
+            raise ConfigError(f"allowed_methods[{i}]", f"{m!r} is not a method sigproxy forwards")
+    return methods
 
 
 def _build_admin(top: Section, listen: Listen) -> Admin | None:
@@ -377,6 +511,7 @@ _UPSTREAM_KEYS = (
     "credentials",
     "timeout",
     "max_body_bytes",
+    "cors",
 )
 
 
@@ -446,6 +581,7 @@ def _build_upstream(s: Section) -> Upstream:
     )
     max_body = s.integer("max_body_bytes", DEFAULT_MAX_BODY_BYTES, 0, 1 << 40)
     assert max_body is not None
+    cors = optional_section(s, "cors", _CORS_KEYS, _build_cors, None)
     del port
     return Upstream(
         name=name,
@@ -462,6 +598,57 @@ def _build_upstream(s: Section) -> Upstream:
         credentials=credentials or CredentialsSpec(),
         timeout=timeout,
         max_body_bytes=max_body,
+        cors=cors,
+        url_host=hostname,
+    )
+
+
+_CORS_KEYS = (
+    "allow_origins",
+    "allow_methods",
+    "allow_headers",
+    "expose_headers",
+    "allow_credentials",
+    "max_age",
+)
+_ORIGIN_RE = re.compile(r"^https?://([a-z0-9*-]+(\.[a-z0-9*-]+)*|\[[0-9a-f:.]+\])(:(\d{1,5}|\*))?$")
+
+
+def _build_cors(c: Section) -> CorsConfig:
+    def strings(key: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
+        value = c.data.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(c.at(key), "must be a list of strings")
+        return tuple(v.strip() for v in value)
+
+    origins = strings("allow_origins")
+    if not origins:
+        raise ConfigError(c.at("allow_origins"), 'list the origins allowed (or "*")')
+    for i, origin in enumerate(origins):
+        if origin != "*" and not _ORIGIN_RE.match(origin.lower()):
+            raise ConfigError(
+                f"{c.at('allow_origins')}[{i}]",
+                f"{origin!r} is not an origin like https://app.example.com or http://localhost:*",
+            )
+    credentials = c.data.get("allow_credentials", False)
+    if not isinstance(credentials, bool):
+        raise ConfigError(c.at("allow_credentials"), "must be true or false")
+    if credentials and "*" in origins:
+        raise ConfigError(
+            c.at("allow_origins"),
+            '"*" cannot be combined with allow_credentials (the Fetch standard forbids it); '
+            "list the origins",
+        )
+    methods = tuple(m.upper() for m in strings("allow_methods", ("GET", "HEAD", "POST")))
+    return CorsConfig(
+        allow_origins=origins,
+        allow_methods=methods,
+        allow_headers=tuple(h.lower() for h in strings("allow_headers")),
+        expose_headers=strings("expose_headers", ("X-Request-Id",)),
+        allow_credentials=credentials,
+        max_age=c.integer("max_age", 600, 0, 86400) or 0,
     )
 
 

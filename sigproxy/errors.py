@@ -8,6 +8,10 @@
     ├── ListenError                 the listening socket can't be opened (CLI exit 2)
     └── ProxyError                  one request failed; carries status + JSON code
         ├── BadRequest              400 bad_request: the request can't be forwarded faithfully
+        ├── Unauthorized            401 unauthorized: inbound_auth token missing or wrong
+        ├── Forbidden               403 (client, origin or host not allowed; CORS refusal)
+        ├── MethodNotAllowed        405 method_not_allowed (CONNECT explained)
+        ├── RequestTimeout          408 request_timeout: the body arrived too slowly
         ├── NoRoute                 404 no_route
         ├── BodyTooLarge            413 body_too_large
         ├── ExpectationFailed       417 expectation_failed
@@ -56,9 +60,19 @@ class ProxyError(SigproxyError):
     code = "internal_error"
     reason = "internal"  # bounded metric label
 
-    def __init__(self, message: str, **extra: Any) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
         super().__init__(message)
         self.message = message
+        if code is not None:
+            self.code = code
+        self.headers = headers or {}
         self.extra = extra
 
 
@@ -66,6 +80,30 @@ class BadRequest(ProxyError):
     status = 400
     code = "bad_request"
     reason = "bad_request"
+
+
+class Unauthorized(ProxyError):
+    status = 401
+    code = "unauthorized"
+    reason = "unauthorized"
+
+
+class Forbidden(ProxyError):
+    status = 403
+    code = "forbidden"
+    reason = "forbidden"
+
+
+class MethodNotAllowed(ProxyError):
+    status = 405
+    code = "method_not_allowed"
+    reason = "bad_request"
+
+
+class RequestTimeout(ProxyError):
+    status = 408
+    code = "request_timeout"
+    reason = "client_timeout"
 
 
 class NoRoute(ProxyError):
@@ -121,7 +159,9 @@ def error_response(
 
 def proxy_error_response(exc: ProxyError, request_id: str | None = None) -> web.Response:
     """Map a :class:`ProxyError` to its JSON response."""
-    return error_response(exc.status, exc.code, exc.message, request_id, **exc.extra)
+    resp = error_response(exc.status, exc.code, exc.message, request_id, **exc.extra)
+    resp.headers.update(exc.headers)
+    return resp
 
 
 def upstream_failure(exc: BaseException, upstream: str) -> ProxyError:

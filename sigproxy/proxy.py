@@ -17,22 +17,26 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from .canonical import normalize_path, normalize_query, split_target
-from .config import Config, Upstream
+from .config import Config, Upstream, is_loopback
+from .cors import CorsPolicy
 from .credentials import CredentialSource, CredentialStore
 from .errors import (
     BadRequest,
     BodyTooLarge,
     ExpectationFailed,
+    Forbidden,
     NoRoute,
     ProxyError,
+    RequestTimeout,
     UpstreamTimeout,
     UpstreamUnreachable,
     error_response,
     proxy_error_response,
     upstream_failure,
 )
+from .inbound import check_client, check_method, check_origin, check_token
 from .metrics import NO_UPSTREAM, Metrics, method_label
-from .routing import Router
+from .routing import Match, Router
 from .signing import EMPTY_SHA256, sign
 
 log = logging.getLogger("sigproxy.proxy")
@@ -77,6 +81,7 @@ class _Target:
     upstream: Upstream
     credentials: CredentialSource | None
     timeout: aiohttp.ClientTimeout
+    cors: CorsPolicy | None
 
 
 class RouteTable:
@@ -88,6 +93,7 @@ class RouteTable:
         self.credentials = credentials
         self.router = Router(config.upstreams)
         self.targets: dict[str, _Target] = {}
+        self.by_host: dict[str, list[Upstream]] = {}
         for upstream in config.upstreams:
             source = credentials.get(upstream.name)
             if upstream.auth == "aws_iam" and source is None:
@@ -100,7 +106,20 @@ class RouteTable:
                     connect=upstream.timeout.connect,
                     sock_read=upstream.timeout.read,
                 ),
+                cors=CorsPolicy(upstream.cors) if upstream.cors is not None else None,
             )
+            # Forward-proxy requests name the Function URL's own host.
+            self.by_host.setdefault(upstream.url_host, []).append(upstream)
+        for same_host in self.by_host.values():
+            same_host.sort(key=lambda u: -len(u.base_path))
+
+    def forward_match(self, host: str, path: str) -> Match | None:
+        """The upstream a forward-proxy request for ``host`` + ``path`` goes to."""
+        for upstream in self.by_host.get(host, ()):
+            base = upstream.base_path
+            if not base or path == base or path.startswith(base + "/"):
+                return Match(upstream, path)
+        return None
 
 
 class Proxy:
@@ -144,26 +163,42 @@ class Proxy:
         body_len = 0
         upstream_time: float | None = None
         table = self.table
+        policy: CorsPolicy | None = None
         try:
             try:
+                config = table.config
+                check_client(request, config)
+                check_method(request, config)
                 expect = request.headers.get("Expect")
                 if expect is not None and expect.lower() != "100-continue":
                     raise ExpectationFailed("only 'Expect: 100-continue' is supported")
-                target_path, query = self._target_of(request)
-                match = table.router.match(request.host, target_path)
-                if match is None:
-                    raise NoRoute(
-                        "no upstream is configured for this path",
-                        path=target_path,
-                        prefixes=list(table.router.prefixes),
-                    )
+                match, query = self._route(request, table)
                 upstream = match.upstream
                 upstream_name = upstream.name
                 target = table.targets[upstream_name]
-                body = await _read_body(request, upstream.max_body_bytes)
+                policy = target.cors
+                origin = request.headers.get("Origin")
+                if policy is not None and origin is not None and request.method == "OPTIONS":
+                    wanted = request.headers.get("Access-Control-Request-Method")
+                    if wanted is not None:
+                        # A preflight: answered here, never forwarded or signed.
+                        status = 204
+                        return _preflight(policy, origin, wanted, request, request_id)
+                check_origin(request, policy)
+                if config.inbound_auth is not None:
+                    check_token(request, config.inbound_auth)
+                try:
+                    async with asyncio.timeout(config.client_timeouts.body):
+                        body = await _read_body(request, upstream.max_body_bytes)
+                except TimeoutError:
+                    raise RequestTimeout(
+                        f"the request body did not arrive within "
+                        f"{config.client_timeouts.body:g} seconds"
+                    ) from None
                 body_len = len(body)
                 outgoing = match.path + ("?" + query if query else "")
-                headers = _forward_headers(request, upstream, request_id)
+                strip = config.inbound_auth.header if config.inbound_auth else None
+                headers = _forward_headers(request, upstream, request_id, strip)
                 if target.credentials is not None:
                     creds = await target.credentials.get()
                     t0 = time.perf_counter()
@@ -192,7 +227,11 @@ class Proxy:
                     m.upstream_errors.labels(upstream_name, exc.extra.get("kind", "connect")).inc()
                 resp = proxy_error_response(exc, request_id)
                 resp.headers["X-Request-Id"] = request_id
-                if isinstance(exc, BodyTooLarge):
+                if policy is not None:
+                    # So a page allowed to call the upstream can read why it failed.
+                    for name, value in policy.response_headers(request.headers.get("Origin")):
+                        resp.headers.add(name, value)
+                if isinstance(exc, BodyTooLarge | RequestTimeout):
                     await _refuse_rest_of_body(request, resp)
                 return resp
             except (asyncio.CancelledError, ConnectionResetError):
@@ -267,6 +306,50 @@ class Proxy:
         raw_path, raw_query = split_target(request.raw_path)
         return normalize_path(raw_path), normalize_query(raw_query)
 
+    def _route(self, request: web.Request, table: RouteTable) -> tuple[Match, str]:
+        """The upstream and canonical path for a request in origin form (reverse proxy)
+        or absolute form (``GET http://<function url host>/path``: forward proxy)."""
+        raw = request.raw_path
+        if raw.startswith("/"):
+            path, query = self._target_of(request)
+            match = table.router.match(request.host, path)
+            if match is None:
+                raise NoRoute(
+                    "no upstream is configured for this path",
+                    path=path,
+                    prefixes=list(table.router.prefixes),
+                )
+            return match, query
+        if raw == "*":
+            raise BadRequest("asterisk-form requests (OPTIONS *) are not forwarded")
+        scheme, sep, rest = raw.partition("://")
+        if not sep or scheme.lower() != "http":
+            raise BadRequest(
+                "the request target must be a path, or an http:// URL when sigproxy is used "
+                "as an HTTP proxy"
+            )
+        authority, slash, remainder = rest.partition("/")
+        host = _authority_host(authority)
+        raw_path, raw_query = split_target("/" + remainder if slash else "/")
+        path, query = normalize_path(raw_path), normalize_query(raw_query)
+        match = table.forward_match(host, path)
+        if match is not None:
+            return match, query
+        if host == _authority_host(request.host or "") or _is_local(host):
+            # An absolute-form request for the proxy itself: route it as a path.
+            local = table.router.match(request.host, path)
+            if local is not None:
+                return local, query
+            raise NoRoute(
+                "no upstream is configured for this path",
+                path=path,
+                prefixes=list(table.router.prefixes),
+            )
+        raise Forbidden(
+            f"sigproxy only forwards to the hosts of its upstream table; {host} is not one",
+            code="host_not_allowed",
+        )
+
     async def _forward(
         self,
         request: web.Request,
@@ -293,7 +376,10 @@ class Proxy:
             ) as up:
                 upstream_time = time.perf_counter() - t0
                 response = web.StreamResponse(status=up.status, reason=up.reason)
-                _copy_response_headers(up.headers, response, request_id)
+                _copy_response_headers(up.headers, response, request_id, target.cors is not None)
+                if target.cors is not None:
+                    for name, value in target.cors.response_headers(request.headers.get("Origin")):
+                        response.headers.add(name, value)
                 response.headers["X-Request-Id"] = request_id
                 if up.content_length is not None and "Transfer-Encoding" not in up.headers:
                     response.content_length = up.content_length
@@ -347,6 +433,31 @@ class Proxy:
         except ConnectionError:
             return sent, CLIENT_GONE
         return sent, up.status
+
+
+def _authority_host(authority: str) -> str:
+    """Lower-cased host of ``host[:port]`` or ``[v6]:port``, without userinfo or port."""
+    host = authority.rpartition("@")[2].strip().lower()
+    if host.startswith("["):
+        return host[: host.find("]") + 1] if "]" in host else host
+    return host.partition(":")[0].rstrip(".")
+
+
+def _is_local(host: str) -> bool:
+    return is_loopback(host.strip("[]"))
+
+
+def _preflight(
+    policy: CorsPolicy, origin: str, method: str, request: web.Request, request_id: str
+) -> web.Response:
+    wanted = request.headers.get("Access-Control-Request-Headers", "").split(",")
+    granted = policy.preflight(origin, method, wanted)
+    if isinstance(granted, str):
+        raise Forbidden(f"CORS preflight refused: {granted}", code="cors_refused")
+    resp = web.Response(status=204, headers={"X-Request-Id": request_id})
+    for name, value in granted:
+        resp.headers.add(name, value)
+    return resp
 
 
 def _payload(body: bytes) -> bytes | io.BytesIO | None:
@@ -407,10 +518,15 @@ def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
     return tokens
 
 
-def _forward_headers(request: web.Request, upstream: Upstream, request_id: str) -> CIMultiDict[str]:
-    """The client's headers as they go upstream (before signing)."""
+def _forward_headers(
+    request: web.Request, upstream: Upstream, request_id: str, strip: str | None = None
+) -> CIMultiDict[str]:
+    """The client's headers as they go upstream (before signing); ``strip`` names the
+    inbound_auth header, which is the proxy's and never forwarded."""
     incoming = request.headers
     drop = _connection_tokens(incoming)
+    if strip is not None:
+        drop.add(strip.lower())
     signed = upstream.auth == "aws_iam"
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
@@ -448,13 +564,15 @@ def _check_utf8(value: str, name: str) -> None:
 
 
 def _copy_response_headers(
-    headers: CIMultiDictProxy[str], response: web.StreamResponse, request_id: str
+    headers: CIMultiDictProxy[str], response: web.StreamResponse, request_id: str, cors: bool
 ) -> None:
     drop = _connection_tokens(headers)
     for name, value in headers.items():
         lower = name.lower()
         if lower in _RESPONSE_DROP or lower in drop or lower == "x-request-id":
             continue
+        if cors and lower.startswith("access-control-"):
+            continue  # the proxy's policy replaces the upstream's
         if not value.isascii():
             try:
                 _check_utf8(value, name)

@@ -177,6 +177,20 @@ async def test_odd_targets_arrive_as_readme_says_and_verify(
     verify_sigv4(upstream.last, region="us-east-1")
 
 
+@pytest.mark.parametrize("method", ["PURGE", "MKCOL", "TRACE", "PROPFIND"])
+async def test_methods_outside_the_allowed_set_are_405(
+    upstream: FakeFunctionUrl, start_proxy: StartProxy, method: str
+) -> None:
+    proxy = await start_proxy(one_upstream(upstream.port))
+    raw = f"{method} /m HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+    status, headers, body = split_response(await exchange(proxy.port, raw))
+    assert status == 405
+    assert json.loads(body)["error"] == "method_not_allowed"
+    assert dict(headers)[b"Allow"] == b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+    assert upstream.requests == []
+    await assert_still_serving(proxy.port, upstream)
+
+
 @pytest.mark.parametrize(
     ("method", "body"),
     [
@@ -192,7 +206,10 @@ async def test_odd_targets_arrive_as_readme_says_and_verify(
 async def test_unusual_methods_are_forwarded_and_signed(
     upstream: FakeFunctionUrl, start_proxy: StartProxy, method: str, body: bytes | None
 ) -> None:
-    proxy = await start_proxy(one_upstream(upstream.port))
+    allowed = (
+        "allowed_methods: [GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, PURGE, MKCOL, SEARCH]\n"
+    )
+    proxy = await start_proxy(allowed + one_upstream(upstream.port))
     raw = (
         f"{method} /m?x=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n".encode()
         + (f"Content-Length: {len(body)}\r\n".encode() if body else b"")
@@ -499,21 +516,32 @@ async def test_ambiguous_framing_is_refused_and_never_forwarded(
     await assert_still_serving(proxy.port, upstream)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 5 (CONNECT and hostile input): asterisk- and authority-form targets "
-    "(OPTIONS *, CONNECT h:p) get aiohttp's text/plain 404, not a JSON error",
-)
-@pytest.mark.parametrize("request_line", [b"OPTIONS * HTTP/1.1", b"CONNECT 127.0.0.1:443 HTTP/1.1"])
-async def test_non_path_targets_are_400_json(
-    upstream: FakeFunctionUrl, start_proxy: StartProxy, request_line: bytes
+async def test_asterisk_form_is_400_json(
+    upstream: FakeFunctionUrl, start_proxy: StartProxy
 ) -> None:
     proxy = await start_proxy(one_upstream(upstream.port))
-    raw = await exchange(proxy.port, request_line + b"\r\nHost: x\r\nConnection: close\r\n\r\n")
+    raw = await exchange(proxy.port, b"OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     status, _, body = split_response(raw)
     assert upstream.requests == []
     assert status == 400
     assert json.loads(body)["error"] == "bad_request"
+
+
+async def test_connect_is_refused_with_an_explanation(
+    upstream: FakeFunctionUrl, start_proxy: StartProxy
+) -> None:
+    proxy = await start_proxy(one_upstream(upstream.port))
+    raw = await exchange(
+        proxy.port,
+        b"CONNECT 127.0.0.1:443 HTTP/1.1\r\nHost: 127.0.0.1:443\r\nConnection: close\r\n\r\n",
+    )
+    status, _, body = split_response(raw)
+    assert upstream.requests == []
+    assert status == 405
+    payload = json.loads(body)
+    assert payload["error"] == "method_not_allowed"
+    assert "cannot sign inside a TLS tunnel" in payload["message"]
+    assert "http://<url-id>.lambda-url.<region>.on.aws" in payload["message"]
 
 
 # ------------------------------------------------------------- failure paths: confirmed OK
@@ -685,11 +713,6 @@ async def test_no_content_type_is_invented_for_responses(start_proxy: StartProxy
         assert resp.header("Content-Type") is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 5 (forward-proxy mode): an absolute-form request target (curl -x) "
-    "is refused with 400",
-)
 async def test_absolute_form_target_is_accepted(
     upstream: FakeFunctionUrl, start_proxy: StartProxy
 ) -> None:

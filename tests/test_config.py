@@ -39,6 +39,7 @@ def test_defaults_and_region_from_url() -> None:
 def test_full_upstream() -> None:
     text = """
 listen: {host: 0.0.0.0, port: 9000}
+allow_unauthenticated: true
 log_level: debug
 upstreams:
   - name: orders_v2

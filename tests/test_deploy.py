@@ -26,7 +26,7 @@ def k8s_docs(name: str) -> list[dict[str, Any]]:
 def test_kubernetes_configmap_loads_and_drain_fits(name: str) -> None:
     docs = k8s_docs(name)
     (configmap,) = [d for d in docs if d["kind"] == "ConfigMap"]
-    config = parse_config(configmap["data"]["sigproxy.yaml"])
+    config = parse_config(configmap["data"]["sigproxy.yaml"], environ={"SIGPROXY_TOKEN": "t" * 32})
     assert config.admin is not None
     assert config.admin.host == "0.0.0.0"  # the kubelet probes the pod IP
     (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
@@ -44,6 +44,11 @@ def test_kubernetes_configmap_loads_and_drain_fits(name: str) -> None:
     if name == "sidecar.yaml":
         assert proxy["restartPolicy"] == "Always"  # a native sidecar
         assert config.listen.host == "127.0.0.1"
+    else:
+        assert config.inbound_auth is not None
+        assert config.inbound_auth.tokens == ("t" * 32,)
+        (env,) = proxy["env"]
+        assert env["valueFrom"]["secretKeyRef"]["name"] == "sigproxy-inbound"
     (account,) = [d for d in docs if d["kind"] == "ServiceAccount"]
     assert account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].startswith(
         "arn:aws:iam::"
