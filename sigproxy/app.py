@@ -105,7 +105,11 @@ async def stop_signals() -> AsyncIterator[asyncio.Event]:
 
 async def start_proxy(config: Config, credentials: CredentialStore) -> web.AppRunner:
     """Set up the app and open its listening socket; returns the runner to clean up."""
-    runner = make_runner(create_app(config, credentials=credentials))
+    runner = make_runner(
+        create_app(config, credentials=credentials),
+        shutdown_timeout=config.grace_period,
+        idle_timeout=config.client_timeouts.header,
+    )
     await _listen(runner, config.listen.host, config.listen.port, "sigproxy")
     return runner
 
@@ -141,7 +145,11 @@ class Server:
         self.app = create_app(config, credentials=credentials)
         self.proxy = self.app[PROXY_KEY]
         self.metrics = self.app[METRICS_KEY]
-        self._runner = make_runner(self.app, shutdown_timeout=config.grace_period)
+        self._runner = make_runner(
+            self.app,
+            shutdown_timeout=config.grace_period,
+            idle_timeout=config.client_timeouts.header,
+        )
         self._admin: web.AppRunner | None = None
         self._reload_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()

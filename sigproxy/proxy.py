@@ -227,7 +227,7 @@ class Proxy:
                     m.upstream_errors.labels(upstream_name, exc.extra.get("kind", "connect")).inc()
                 resp = proxy_error_response(exc, request_id)
                 resp.headers["X-Request-Id"] = request_id
-                if policy is not None:
+                if policy is not None and exc.code != "cors_refused":
                     # So a page allowed to call the upstream can read why it failed.
                     for name, value in policy.response_headers(request.headers.get("Origin")):
                         resp.headers.add(name, value)
@@ -335,7 +335,7 @@ class Proxy:
         match = table.forward_match(host, path)
         if match is not None:
             return match, query
-        if host == _authority_host(request.host or "") or _is_local(host):
+        if _is_local(host):
             # An absolute-form request for the proxy itself: route it as a path.
             local = table.router.match(request.host, path)
             if local is not None:
