@@ -231,6 +231,7 @@ class Proxy:
                     # So a page allowed to call the upstream can read why it failed.
                     for name, value in policy.response_headers(request.headers.get("Origin")):
                         resp.headers.add(name, value)
+                sent = len(resp.body) if isinstance(resp.body, bytes) else 0
                 if isinstance(exc, BodyTooLarge | RequestTimeout):
                     await _refuse_rest_of_body(request, resp)
                 return resp

@@ -161,7 +161,9 @@ async def test_redirects_are_passed_not_followed(
     assert [r.raw_target for r in upstream.requests] == ["/start"]
 
 
-async def test_no_route_lists_prefixes(upstream: FakeFunctionUrl, start_proxy: StartProxy) -> None:
+async def test_no_route_lists_prefixes(
+    upstream: FakeFunctionUrl, start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+) -> None:
     yaml_text = (
         "upstreams:\n"
         f"  - {{name: a, url: 'http://127.0.0.1:{upstream.port}', region: us-east-1, path_prefix: /orders}}\n"
@@ -175,6 +177,9 @@ async def test_no_route_lists_prefixes(upstream: FakeFunctionUrl, start_proxy: S
         assert body["error"] == "no_route"
         assert body["prefixes"] == ["/orders", "/users"]
         assert body["request_id"] == resp.header("X-Request-Id")
+        # The access log counts the bytes of answers the proxy makes itself.
+        assert f"{body['request_id']} none GET " in caplog.text
+        assert f" 404 in=0 out={len(resp.body)} " in caplog.text
     assert upstream.requests == []
 
 

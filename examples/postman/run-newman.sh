@@ -14,10 +14,15 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 collection=$(realpath "${1:-$here/sigproxy-demo.postman_collection.json}")
 environment=$here/sigproxy-demo.postman_environment.json
-python=${PYTHON:-$(command -v python || command -v python3)}
+python=${PYTHON:-$(command -v python || command -v python3 || true)}
 newman_prefix=${NEWMAN_PREFIX:-${XDG_CACHE_HOME:-$HOME/.cache}/sigproxy-newman}
 ready_timeout=30   # seconds for the demo to print its instructions
 stop_timeout=15    # seconds for the demo to exit after SIGINT before it is killed
+
+if [[ -z $python ]]; then
+  echo "run-newman: no python found; set PYTHON to the one sigproxy is installed in" >&2
+  exit 1
+fi
 
 # --- newman -----------------------------------------------------------------------
 if command -v newman >/dev/null && [[ $(newman --version) == 6.* ]]; then
@@ -36,16 +41,23 @@ echo "run-newman: newman $("$newman" --version) ($newman)" >&2
 # --- the demo ---------------------------------------------------------------------
 work=$(mktemp -d)
 demo_pid=
+demo_ready=0
+# shellcheck disable=SC2329  # called by cleanup, from the EXIT trap
 stop_demo() {
   if [[ -n $demo_pid ]] && kill -0 "$demo_pid" 2>/dev/null; then
-    kill -INT "$demo_pid" 2>/dev/null || true
+    # SIGINT, as Ctrl-C would. Until the demo is ready it has not installed its own
+    # handler yet and a background job of a non-interactive shell ignores SIGINT, so a
+    # demo still starting gets SIGTERM (Python's default for it ends the process).
+    local sig=INT
+    (( demo_ready )) || sig=TERM
+    kill -"$sig" "$demo_pid" 2>/dev/null || true
     local waited=0
     while kill -0 "$demo_pid" 2>/dev/null && (( waited < stop_timeout * 10 )); do
       sleep 0.1
       waited=$((waited + 1))
     done
     if kill -0 "$demo_pid" 2>/dev/null; then
-      echo "run-newman: the demo did not stop ${stop_timeout}s after SIGINT; killing it" >&2
+      echo "run-newman: the demo did not stop ${stop_timeout}s after SIG$sig; killing it" >&2
       kill -KILL "$demo_pid" 2>/dev/null || true
     fi
   fi
@@ -54,6 +66,7 @@ stop_demo() {
   fi
   demo_pid=
 }
+# shellcheck disable=SC2329  # the EXIT trap
 cleanup() {
   stop_demo
   rm -rf "$work"
@@ -70,8 +83,6 @@ show_demo_log() {
 }
 
 # Started from the checkout so that its sigproxy and examples/ are the ones used.
-# The demo installs its own SIGINT handler, so the SIGINT that a non-interactive
-# shell's background jobs would otherwise ignore does reach it.
 (cd "$repo" && exec "$python" -m sigproxy demo --port 0) >"$work/demo.out" 2>"$work/demo.err" &
 demo_pid=$!
 
@@ -89,6 +100,7 @@ until grep -q '^Ctrl-C stops both\.' "$work/demo.out"; do
   fi
   sleep 0.1
 done
+demo_ready=1
 
 # The line "  curl 'http://127.0.0.1:PORT/hello?name=John'" names the proxy.
 base=$(sed -n "s|^ *curl '\(http://[^']*\)/hello?name=John'.*|\1|p" "$work/demo.out" | head -n 1)
