@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from .metrics import Metrics
@@ -45,7 +47,14 @@ def readiness(state: ServerState, table: RouteTable, now: float | None = None) -
 
 def create_admin_app(proxy: Proxy, metrics: Metrics, state: ServerState) -> web.Application:
     async def metrics_handler(request: web.Request) -> web.Response:
-        body = generate_latest(metrics.registry)
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            # Several workers: add up every worker's values, as one scrape target.
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            registry.register(CredentialCollector(lambda: proxy.table))
+            body = generate_latest(registry)
+        else:
+            body = generate_latest(metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def healthz(request: web.Request) -> web.Response:

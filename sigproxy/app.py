@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -114,9 +116,15 @@ async def start_proxy(config: Config, credentials: CredentialStore) -> web.AppRu
     return runner
 
 
-async def _listen(runner: web.AppRunner, host: str, port: int, what: str) -> None:
+async def _listen(
+    runner: web.AppRunner, host: str, port: int, what: str, sock: socket.socket | None = None
+) -> None:
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
+    site: web.BaseSite
+    if sock is not None:
+        site = web.SockSite(runner, sock)
+    else:
+        site = web.TCPSite(runner, host, port, reuse_address=True)
     try:
         await site.start()
     except OSError as exc:
@@ -137,8 +145,13 @@ class Server:
         *,
         load: Callable[[], Config] | None = None,
         notifier: Notifier | None = None,
+        sockets: tuple[socket.socket, socket.socket | None] | None = None,
     ) -> None:
+        """``sockets``: listening sockets made by a supervisor (``--workers``) to serve
+        on instead of binding (proxy, admin)."""
         self.config = config
+        self._sock: socket.socket | None = sockets[0] if sockets else None
+        self._admin_sock: socket.socket | None = sockets[1] if sockets else None
         self._load = load
         self.notifier = notifier or Notifier()
         self.state = ServerState()
@@ -152,21 +165,26 @@ class Server:
         )
         self._admin: web.AppRunner | None = None
         self._reload_lock = asyncio.Lock()
+        self.on_ready: Callable[[], None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         config = self.config
-        await _listen(self._runner, config.listen.host, config.listen.port, "sigproxy")
+        await _listen(self._runner, config.listen.host, config.listen.port, "sigproxy", self._sock)
         if config.admin is not None:
             admin_app = create_admin_app(self.proxy, self.metrics, self.state)
             self._admin = web.AppRunner(admin_app, access_log=None)
             try:
-                await _listen(self._admin, config.admin.host, config.admin.port, "admin")
+                await _listen(
+                    self._admin, config.admin.host, config.admin.port, "admin", self._admin_sock
+                )
             except ListenError:
                 await self._runner.cleanup()
                 raise
         self.state.listening = True
         self.notifier.ready(f"serving {len(config.upstreams)} upstream(s)")
+        if self.on_ready is not None:
+            self.on_ready()
         if self.notifier.watchdog_interval is not None:
             self._spawn(self.notifier.watchdog())
 
@@ -218,11 +236,14 @@ class Server:
             await self._admin.cleanup()
         log.info("stopped")
 
-    async def run(self) -> None:
-        """Serve until SIGTERM or SIGINT; SIGHUP reloads."""
+    async def run(self, parent: int | None = None) -> None:
+        """Serve until SIGTERM or SIGINT; SIGHUP reloads. A worker (``parent`` is its
+        supervisor's pid) also stops when its supervisor is gone."""
         loop = asyncio.get_running_loop()
         async with stop_signals() as stop:
             loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
+            if parent is not None:
+                self._spawn(_watch_parent(parent, stop))
             try:
                 await self.start()
                 try:
@@ -239,10 +260,26 @@ class Server:
 
 
 async def serve(
-    config: Config, credentials: CredentialStore, load: Callable[[], Config] | None = None
+    config: Config,
+    credentials: CredentialStore,
+    load: Callable[[], Config] | None = None,
+    *,
+    sockets: tuple[socket.socket, socket.socket | None] | None = None,
+    notifier: Notifier | None = None,
+    on_ready: Callable[[], None] | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT, reloading ``load()`` on SIGHUP."""
-    await Server(config, credentials, load=load).run()
+    server = Server(config, credentials, load=load, sockets=sockets, notifier=notifier)
+    server.on_ready = on_ready
+    await server.run(parent=os.getppid() if sockets is not None else None)
+
+
+async def _watch_parent(parent: int, stop: asyncio.Event) -> None:
+    # No event tells a process its parent died; polling getppid() once a second does.
+    while os.getppid() == parent:  # noqa: ASYNC110
+        await asyncio.sleep(1)
+    log.error("the supervisor (pid %d) is gone; stopping", parent)
+    stop.set()
 
 
 def listening_urls(runner: web.BaseRunner) -> list[str]:

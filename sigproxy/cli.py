@@ -12,7 +12,8 @@ import dataclasses
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar
 
 from . import __version__
 from .app import serve
@@ -20,12 +21,15 @@ from .config import LOG_FORMATS, LOG_LEVELS, Config, Listen, load_config
 from .credentials import CredentialStore
 from .errors import ConfigError, ListenError, SigproxyError
 from .logs import setup_logging
+from .notify import Notifier
+from .workers import WORKER_FDS_FLAG, Supervisor, worker_count, worker_sockets
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
 log = logging.getLogger("sigproxy")
+T = TypeVar("T")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve_p = sub.add_parser("serve", help="run the proxy")
     add_config(serve_p)
+    serve_p.add_argument(
+        "--workers",
+        default="1",
+        help="worker processes sharing the listening socket: a number or auto (one per CPU)",
+    )
+    serve_p.add_argument(WORKER_FDS_FLAG, default=None, help=argparse.SUPPRESS)
     serve_p.add_argument("--host", default=None, help="override listen.host")
     serve_p.add_argument(
         "--port", type=int, default=None, help="override listen.port (0: any free port)"
@@ -152,20 +162,60 @@ def _check(config: Config) -> int:
 
 
 def _serve(config: Config, path: str, args: argparse.Namespace) -> int:
+    workers = worker_count(args.workers)
     store = CredentialStore.resolve(config)
-    for upstream in config.upstreams:
-        source = store.get(upstream.name)
-        log.info(
-            "route %s%s -> %s (%s, %s, credentials: %s)",
-            upstream.match_host or "",
-            upstream.path_prefix,
-            upstream.url,
-            upstream.region or "no region",
-            upstream.auth,
-            "-" if source is None else f"{source.description} ({source.method})",
+    if args.worker_fds is None:
+        for upstream in config.upstreams:
+            source = store.get(upstream.name)
+            log.info(
+                "route %s%s -> %s (%s, %s, credentials: %s)",
+                upstream.match_host or "",
+                upstream.path_prefix,
+                upstream.url,
+                upstream.region or "no region",
+                upstream.auth,
+                "-" if source is None else f"{source.description} ({source.method})",
+            )
+
+    def load() -> Config:
+        return _apply_overrides(load_config(path), args)
+
+    if args.worker_fds is not None:
+        proxy_sock, admin_sock, ready_fd = worker_sockets(args.worker_fds)
+
+        def ready() -> None:
+            os.write(ready_fd, b"r")
+            os.close(ready_fd)
+
+        run(
+            serve(
+                config,
+                store,
+                load,
+                sockets=(proxy_sock, admin_sock),
+                notifier=Notifier(environ={}),
+                on_ready=ready,
+            )
         )
-    asyncio.run(serve(config, store, load=lambda: _apply_overrides(load_config(path), args)))
+        return EXIT_OK
+    if workers > 1:
+        worker_args = ["--config", path]
+        for flag, value in (("--log-level", args.log_level), ("--log-format", args.log_format)):
+            if value:
+                worker_args += [flag, value]
+        return run(Supervisor(config, worker_args, workers).run())
+    run(serve(config, store, load))
     return EXIT_OK
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run on uvloop when it is installed (the [speed] extra), else asyncio's loop."""
+    try:
+        import uvloop  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        return asyncio.run(coro)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -175,7 +225,7 @@ def _demo(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         return _fail(f"--port: must be between 0 and 65535, got {args.port}")
     try:
-        asyncio.run(run_demo(args.host, args.port))
+        run(run_demo(args.host, args.port))
     except ListenError as exc:
         return _fail(f"{exc} (try --port 0 for any free port)")
     except SigproxyError as exc:
@@ -211,7 +261,7 @@ def _emulate(args: argparse.Namespace) -> int:
             )
         else:
             raise ConfigError("", "give --config FILE (with an emulator section) or --handler")
-        asyncio.run(run_emulator(config))
+        run(run_emulator(config))
     except ConfigError as exc:
         where = f"{args.config}: " if args.config else ""
         return _fail(f"{where}{exc}")

@@ -13,7 +13,6 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
-    Info,
     disable_created_metrics,
 )
 
@@ -61,7 +60,13 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.in_flight = Gauge("sigproxy_requests_in_flight", "Requests being handled.", registry=r)
+        # With several workers, in-flight requests of live workers add up.
+        self.in_flight = Gauge(
+            "sigproxy_requests_in_flight",
+            "Requests being handled.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.request_bytes = Counter(
             "sigproxy_request_bytes", "Request body bytes sent upstream.", ["upstream"], registry=r
         )
@@ -95,5 +100,12 @@ class Metrics:
             ["result"],
             registry=r,
         )
-        self.build = Info("sigproxy_build", "sigproxy version and runtime.", registry=r)
-        self.build.info({"version": __version__, "python": platform.python_version()})
+        # A gauge rather than an Info: Info has no multiprocess (several workers) mode.
+        self.build = Gauge(
+            "sigproxy_build_info",
+            "sigproxy version and runtime.",
+            ["version", "python"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.build.labels(__version__, platform.python_version()).set(1)

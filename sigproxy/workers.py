@@ -1,0 +1,223 @@
+"""``sigproxy serve --workers N``: a supervisor and N worker processes.
+
+The supervisor binds the listening sockets (so ``--port 0`` and privileged set-ups work
+as with one process), starts each worker as a fresh ``python -m sigproxy serve`` that
+serves those inherited sockets, and stays the one process signals and systemd talk to:
+SIGTERM/SIGINT drain every worker, SIGHUP reloads every worker, a worker that dies is
+started again. Metrics add up across workers through prometheus-client's multiprocess
+mode: each worker writes its values to a shared directory and any worker answering
+/metrics sums them, so Prometheus scrapes one target.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+
+from .config import Config
+from .errors import ConfigError, ListenError
+from .notify import Notifier
+
+log = logging.getLogger("sigproxy.workers")
+
+WORKER_FDS_FLAG = "--worker-fds"
+_RESTART_WINDOW = 10.0  # seconds: more than _MAX_RESTARTS deaths in it gives up
+_MAX_RESTARTS = 5
+
+
+def worker_count(value: str) -> int:
+    """``auto`` (one per CPU) or a positive number."""
+    if value == "auto":
+        return os.cpu_count() or 1
+    if value.isdigit() and 1 <= int(value) <= 256:
+        return int(value)
+    raise ConfigError("--workers", f"must be a number from 1 to 256 or auto, got {value!r}")
+
+
+def bind(host: str, port: int, what: str) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        sock = socket.create_server((host, port), family=family, backlog=1024)
+    except OSError as exc:
+        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    addr = sock.getsockname()
+    shown = f"[{addr[0]}]" if family == socket.AF_INET6 else addr[0]
+    log.info("%s listening on http://%s:%d", what, shown, addr[1])
+    return sock
+
+
+class Supervisor:
+    def __init__(self, config: Config, worker_args: Sequence[str], workers: int) -> None:
+        self.config = config
+        self.worker_args = list(worker_args)
+        self.workers = workers
+        self.notifier = Notifier()
+        self._procs: dict[int, asyncio.subprocess.Process] = {}
+        self._deaths: list[float] = []
+        self._stopping = False
+
+    async def run(self) -> int:
+        config = self.config
+        proxy_sock = bind(config.listen.host, config.listen.port, "sigproxy")
+        admin_sock = None
+        if config.admin is not None:
+            try:
+                admin_sock = bind(config.admin.host, config.admin.port, "admin")
+            except ListenError:
+                proxy_sock.close()
+                raise
+        metrics_dir = tempfile.mkdtemp(prefix="sigproxy-metrics-")
+        ready_r, ready_w = os.pipe()
+        fds = [proxy_sock.fileno(), admin_sock.fileno() if admin_sock else -1, ready_w]
+        env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=metrics_dir)
+        for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+            env.pop(name, None)  # the supervisor is the one systemd hears from
+        self._env = env
+        self._fds = fds
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload)
+        try:
+            for _ in range(self.workers):
+                await self._spawn()
+            await self._wait_ready(ready_r, stop)
+            os.close(ready_w)
+            ready_w = -1
+            if stop.is_set():
+                return await self._stop(metrics_dir)
+            self.notifier.ready(f"{self.workers} workers serving")
+            log.info("%d workers ready", self.workers)
+            watchdog = asyncio.create_task(self.notifier.watchdog())
+            watcher = asyncio.create_task(self._watch(stop))
+            await stop.wait()
+            watchdog.cancel()
+            watcher.cancel()
+            return await self._stop(metrics_dir)
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            for fd in (ready_r, ready_w):
+                if fd >= 0:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+            proxy_sock.close()
+            if admin_sock is not None:
+                admin_sock.close()
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+    async def _spawn(self) -> None:
+        fds = ",".join(str(fd) for fd in self._fds)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "sigproxy",
+            "serve",
+            *self.worker_args,
+            WORKER_FDS_FLAG,
+            fds,
+            pass_fds=[fd for fd in self._fds if fd >= 0],
+            env=self._env,
+            stdin=asyncio.subprocess.DEVNULL,
+            # Signals come from the supervisor only, not also from a terminal's Ctrl-C.
+            start_new_session=True,
+        )
+        self._procs[proc.pid] = proc
+        log.info("worker %d started", proc.pid)
+
+    async def _wait_ready(self, ready_r: int, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        got = 0
+        deadline = time.monotonic() + 60
+        while got < self.workers and not stop.is_set():
+            if any(p.returncode is not None for p in self._procs.values()):
+                raise ListenError("a worker exited while starting; see its log lines above")
+            if time.monotonic() > deadline:
+                raise ListenError("workers did not start within 60 seconds")
+            ready = await loop.run_in_executor(None, _read_ready, ready_r)
+            got += len(ready)
+
+    async def _watch(self, stop: asyncio.Event) -> None:
+        """Start a worker again when one dies; give up when they keep dying."""
+        while not stop.is_set():
+            waits = {asyncio.ensure_future(p.wait()): pid for pid, p in self._procs.items()}
+            done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for fut in pending:
+                fut.cancel()
+            for fut in done:
+                pid = waits[fut]
+                code = self._procs.pop(pid).returncode
+                if self._stopping:
+                    continue
+                log.error("worker %d exited with status %s; starting another", pid, code)
+                _mark_dead(pid, self._env["PROMETHEUS_MULTIPROC_DIR"])
+                now = time.monotonic()
+                self._deaths = [t for t in self._deaths if now - t < _RESTART_WINDOW]
+                self._deaths.append(now)
+                if len(self._deaths) > _MAX_RESTARTS:
+                    log.error("workers keep exiting; stopping")
+                    stop.set()
+                    return
+                await self._spawn()
+
+    def _reload(self) -> None:
+        self.notifier.reloading()
+        log.info("reload: signalling %d workers", len(self._procs))
+        for proc in self._procs.values():
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGHUP)
+        self.notifier.ready()
+
+    async def _stop(self, metrics_dir: str) -> int:
+        self._stopping = True
+        self.notifier.stopping()
+        log.info("stopping %d workers", len(self._procs))
+        for proc in self._procs.values():
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+        procs = list(self._procs.values())
+        try:
+            async with asyncio.timeout(self.config.grace_period + 5):
+                await asyncio.gather(*(p.wait() for p in procs))
+        except TimeoutError:
+            for proc in procs:
+                if proc.returncode is None:
+                    log.error("worker %d did not stop in time; killing it", proc.pid)
+                    proc.kill()
+            await asyncio.gather(*(p.wait() for p in procs))
+        log.info("stopped")
+        return 0
+
+
+def _read_ready(fd: int) -> bytes:
+    import select
+
+    readable, _, _ = select.select([fd], [], [], 0.5)
+    return os.read(fd, 64) if readable else b""
+
+
+def _mark_dead(pid: int, metrics_dir: str) -> None:
+    # A dead worker's in-flight gauge must not count any more.
+    from prometheus_client import multiprocess
+
+    with contextlib.suppress(OSError):
+        multiprocess.mark_process_dead(pid, metrics_dir)  # type: ignore[no-untyped-call]
+
+
+def worker_sockets(value: str) -> tuple[socket.socket, socket.socket | None, int]:
+    """The sockets and ready pipe a supervisor passed: ``proxy_fd,admin_fd,ready_fd``."""
+    proxy_fd, admin_fd, ready_fd = (int(x) for x in value.split(","))
+    proxy = socket.socket(fileno=proxy_fd)
+    admin = socket.socket(fileno=admin_fd) if admin_fd >= 0 else None
+    return proxy, admin, ready_fd
