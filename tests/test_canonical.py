@@ -148,3 +148,34 @@ def test_botocore_signature_of_normalized_target_matches_awscrt(path: str, query
         body=body,
     )
     verify_sigv4(rec, region="eu-west-1")
+
+
+@pytest.mark.parametrize(
+    ("secret", "stamp", "region", "service"),
+    [
+        ("wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", "20150830T123600Z", "us-east-1", "iam"),
+        (SECRET_KEY, "20261121T235959Z", "eu-west-1", "lambda"),
+        (SECRET_KEY, "20261122T000000Z", "eu-west-1", "lambda"),
+        ("other-secret", "20261122T000000Z", "ap-south-1", "execute-api"),
+    ],
+)
+def test_cached_signing_key_matches_botocore(
+    secret: str, stamp: str, region: str, service: str
+) -> None:
+    """The cached key gives botocore's own signature, on first use and from the cache."""
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+
+    from sigproxy.signing import CachedKeySigV4Auth
+
+    creds = ReadOnlyCredentials("AKIDEXAMPLE", secret, None)
+    request = AWSRequest(method="GET", url="https://example.amazonaws.com/")
+    request.context["timestamp"] = stamp
+    string_to_sign = (
+        f"AWS4-HMAC-SHA256\n{stamp}\nscope\n" + hashlib.sha256(stamp.encode()).hexdigest()
+    )
+    expected = SigV4Auth(creds, service, region).signature(string_to_sign, request)
+    cached = CachedKeySigV4Auth(creds, service, region)
+    assert cached.signature(string_to_sign, request) == expected
+    assert cached.signature(string_to_sign, request) == expected  # from the cache
+    assert len(CachedKeySigV4Auth._keys) <= 64
