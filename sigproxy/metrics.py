@@ -7,6 +7,7 @@ statuses are codes; never paths, hosts or ids.
 from __future__ import annotations
 
 import platform
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -109,3 +110,41 @@ class Metrics:
             multiprocess_mode="max",
         )
         self.build.labels(__version__, platform.python_version()).set(1)
+        # Labelled children looked up once per label set: labels() takes a lock and
+        # validates on every call, which the hot path need not pay.
+        self._per_request: dict[tuple[str, str, int], tuple[Any, Any, Any]] = {}
+        self._per_upstream_bytes: dict[str, tuple[Any, Any]] = {}
+
+    def request_done(
+        self,
+        upstream: str,
+        method: str,
+        status: int,
+        elapsed: float,
+        upstream_time: float | None,
+    ) -> None:
+        """Count one finished request and observe its durations."""
+        key = (upstream, method, status)
+        children = self._per_request.get(key)
+        if children is None:
+            children = (
+                self.requests.labels(upstream, method_label(method), str(status)),
+                self.request_duration.labels(upstream),
+                self.upstream_duration.labels(upstream),
+            )
+            if len(self._per_request) < 10_000:  # methods are free text: stay bounded
+                self._per_request[key] = children
+        children[0].inc()
+        children[1].observe(elapsed)
+        if upstream_time is not None:
+            children[2].observe(upstream_time)
+
+    def bytes_done(self, upstream: str, bytes_in: int, bytes_out: int) -> None:
+        children = self._per_upstream_bytes.get(upstream)
+        if children is None:
+            children = (self.request_bytes.labels(upstream), self.response_bytes.labels(upstream))
+            self._per_upstream_bytes[upstream] = children
+        if bytes_in:
+            children[0].inc(bytes_in)
+        if bytes_out:
+            children[1].inc(bytes_out)

@@ -35,7 +35,7 @@ from .errors import (
     upstream_failure,
 )
 from .inbound import check_client, check_method, check_origin, check_token
-from .metrics import NO_UPSTREAM, Metrics, method_label
+from .metrics import NO_UPSTREAM, Metrics
 from .routing import Match, Router
 from .signing import EMPTY_SHA256, sign
 
@@ -250,14 +250,9 @@ class Proxy:
         finally:
             elapsed = time.perf_counter() - started
             m.in_flight.dec()
-            m.requests.labels(upstream_name, method_label(request.method), str(status)).inc()
-            m.request_duration.labels(upstream_name).observe(elapsed)
-            if upstream_time is not None:
-                m.upstream_duration.labels(upstream_name).observe(upstream_time)
-            if body_len:
-                m.request_bytes.labels(upstream_name).inc(body_len)
-            if sent:
-                m.response_bytes.labels(upstream_name).inc(sent)
+            m.request_done(upstream_name, request.method, status, elapsed, upstream_time)
+            if body_len or sent:
+                m.bytes_done(upstream_name, body_len, sent)
             if access_log.isEnabledFor(logging.INFO):
                 upstream_ms = None if upstream_time is None else round(upstream_time * 1000, 1)
                 access_log.info(

@@ -28,14 +28,19 @@ class CachedKeySigV4Auth(SigV4Auth):
 
     _keys: dict[tuple[str, str, str, str], bytes] = {}  # noqa: RUF012 - a process-wide cache
 
+    def __init__(self, credentials: ReadOnlyCredentials, service: str, region: str) -> None:
+        super().__init__(credentials, service, region)
+        self._scope = (region, service)
+
     def signature(self, string_to_sign: str, request: Any) -> str:
-        secret = self.credentials.secret_key
+        secret = self.credentials.secret_key or ""
         date = request.context["timestamp"][0:8]
-        cache_key = (secret, date, self._region_name, self._service_name)
+        region, service = self._scope
+        cache_key = (secret, date, region, service)
         key = self._keys.get(cache_key)
         if key is None:
             key = f"AWS4{secret}".encode()
-            for part in (date, self._region_name, self._service_name, "aws4_request"):
+            for part in (date, region, service, "aws4_request"):
                 key = hmac.new(key, part.encode(), hashlib.sha256).digest()
             if len(self._keys) >= _KEY_CACHE_SIZE:
                 self._keys.clear()  # rotated credentials or a new day: start again
