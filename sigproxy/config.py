@@ -283,6 +283,15 @@ class Section:
             raise ConfigError(self.at(key), f"must be more than 0 and at most 86400, got {value}")
         return float(value)
 
+    def strings(self, key: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
+        """A list of strings, each stripped of surrounding white space."""
+        value = self.data.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(self.at(key), "must be a list of strings")
+        return tuple(v.strip() for v in value)
+
     def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
         value = self.text(key, default)
         assert value is not None
@@ -419,12 +428,7 @@ _HEADER_NAME_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
 
 
 def _build_inbound_auth(a: Section) -> InboundAuth:
-    tokens: list[str] = []
-    raw = a.data.get("tokens")
-    if raw is not None:
-        if not isinstance(raw, list) or not all(isinstance(t, str) for t in raw):
-            raise ConfigError(a.at("tokens"), "must be a list of strings")
-        tokens.extend(t.strip() for t in raw if t.strip())
+    tokens = [t for t in a.strings("tokens") if t]
     path = a.text("tokens_file")
     if path is not None:
         try:
@@ -581,7 +585,7 @@ def _build_upstream(s: Section) -> Upstream:
     )
     max_body = s.integer("max_body_bytes", DEFAULT_MAX_BODY_BYTES, 0, 1 << 40)
     assert max_body is not None
-    cors = optional_section(s, "cors", _CORS_KEYS, _build_cors, None)
+    cors = optional_section(s, "cors", CORS_KEYS, _build_cors, None)
     del port
     return Upstream(
         name=name,
@@ -603,7 +607,7 @@ def _build_upstream(s: Section) -> Upstream:
     )
 
 
-_CORS_KEYS = (
+CORS_KEYS = (
     "allow_origins",
     "allow_methods",
     "allow_headers",
@@ -615,14 +619,7 @@ _ORIGIN_RE = re.compile(r"^https?://([a-z0-9*-]+(\.[a-z0-9*-]+)*|\[[0-9a-f:.]+\]
 
 
 def _build_cors(c: Section) -> CorsConfig:
-    def strings(key: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
-        value = c.data.get(key)
-        if value is None:
-            return default
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(c.at(key), "must be a list of strings")
-        return tuple(v.strip() for v in value)
-
+    strings = c.strings
     origins = strings("allow_origins")
     if not origins:
         raise ConfigError(c.at("allow_origins"), 'list the origins allowed (or "*")')

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..config import Section, optional_section, parse_yaml, read_text
+from ..config import CORS_KEYS, Section, optional_section, parse_yaml, read_text
 from ..errors import ConfigError
 from .sigv4 import Caller
 
@@ -164,29 +164,12 @@ def _function(f: Section) -> FunctionConfig:
         auth=auth,  # type: ignore[arg-type]
         timeout=timeout,
         memory_mb=f.integer("memory", 128, 128, 10240) or 128,
-        cors=optional_section(f, "cors", _CORS_KEYS, _cors, None),
+        cors=optional_section(f, "cors", CORS_KEYS, _cors, None),
     )
 
 
-_CORS_KEYS = (
-    "allow_origins",
-    "allow_methods",
-    "allow_headers",
-    "expose_headers",
-    "allow_credentials",
-    "max_age",
-)
-
-
 def _cors(c: Section) -> Cors:
-    def strings(key: str) -> tuple[str, ...]:
-        value = c.data.get(key)
-        if value is None:
-            return ()
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(c.at(key), "must be a list of strings")
-        return tuple(value)
-
+    strings = c.strings
     methods = tuple(m.upper() for m in strings("allow_methods"))
     for m in methods:
         if not _METHOD_RE.match(m):
