@@ -43,16 +43,19 @@ def worker_count(value: str) -> int:
     raise ConfigError("--workers", f"must be a number from 1 to 256 or auto, got {value!r}")
 
 
-def bind(host: str, port: int, what: str) -> socket.socket:
+def bind(host: str, port: int, what: str | None, reuse_port: bool = False) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        sock = socket.create_server((host, port), family=family, backlog=1024)
+        sock = socket.create_server(
+            (host, port), family=family, backlog=1024, reuse_port=reuse_port
+        )
     except OSError as exc:
         raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     sock.set_inheritable(True)
-    addr = sock.getsockname()
-    shown = f"[{addr[0]}]" if family == socket.AF_INET6 else addr[0]
-    log.info("%s listening on http://%s:%d", what, shown, addr[1])
+    if what is not None:
+        addr = sock.getsockname()
+        shown = f"[{addr[0]}]" if family == socket.AF_INET6 else addr[0]
+        log.info("%s listening on http://%s:%d", what, shown, addr[1])
     return sock
 
 
@@ -68,33 +71,41 @@ class Supervisor:
 
     async def run(self) -> int:
         config = self.config
-        proxy_sock = bind(config.listen.host, config.listen.port, "sigproxy")
+        # One listening socket per worker, all on the same port with SO_REUSEPORT: the
+        # kernel spreads connections over them. A single shared socket would let
+        # whichever worker wakes first take every connection.
+        host = config.listen.host
+        first = bind(host, config.listen.port, "sigproxy", reuse_port=True)
+        port = first.getsockname()[1]
+        self._proxy_socks = [first]
         admin_sock = None
-        if config.admin is not None:
-            try:
+        try:
+            for _ in range(self.workers - 1):
+                self._proxy_socks.append(bind(host, port, None, reuse_port=True))
+            if config.admin is not None:
                 admin_sock = bind(config.admin.host, config.admin.port, "admin")
-            except ListenError:
-                proxy_sock.close()
-                raise
+        except ListenError:
+            for sock in self._proxy_socks:
+                sock.close()
+            raise
         metrics_dir = tempfile.mkdtemp(prefix="sigproxy-metrics-")
         ready_r, ready_w = os.pipe()
-        fds = [proxy_sock.fileno(), admin_sock.fileno() if admin_sock else -1, ready_w]
+        self._admin_fd = admin_sock.fileno() if admin_sock else -1
+        self._ready_w = ready_w
         env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=metrics_dir)
         for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
             env.pop(name, None)  # the supervisor is the one systemd hears from
         self._env = env
-        self._fds = fds
+        self._slot_of: dict[int, int] = {}
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload)
         try:
-            for _ in range(self.workers):
-                await self._spawn()
+            for slot in range(self.workers):
+                await self._spawn(slot)
             await self._wait_ready(ready_r, stop)
-            os.close(ready_w)
-            ready_w = -1
             if stop.is_set():
                 return await self._stop(metrics_dir)
             self.notifier.ready(f"{self.workers} workers serving")
@@ -112,13 +123,17 @@ class Supervisor:
                 if fd >= 0:
                     with contextlib.suppress(OSError):
                         os.close(fd)
-            proxy_sock.close()
+            for sock in self._proxy_socks:
+                sock.close()
             if admin_sock is not None:
                 admin_sock.close()
             shutil.rmtree(metrics_dir, ignore_errors=True)
 
-    async def _spawn(self) -> None:
-        fds = ",".join(str(fd) for fd in self._fds)
+    async def _spawn(self, slot: int) -> None:
+        """Start the worker for ``slot``, serving that slot's socket (a replacement
+        takes over the socket of the worker it replaces)."""
+        fd_list = [self._proxy_socks[slot].fileno(), self._admin_fd, self._ready_w]
+        fds = ",".join(str(fd) for fd in fd_list)
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -127,13 +142,14 @@ class Supervisor:
             *self.worker_args,
             WORKER_FDS_FLAG,
             fds,
-            pass_fds=[fd for fd in self._fds if fd >= 0],
+            pass_fds=[fd for fd in fd_list if fd >= 0],
             env=self._env,
             stdin=asyncio.subprocess.DEVNULL,
             # Signals come from the supervisor only, not also from a terminal's Ctrl-C.
             start_new_session=True,
         )
         self._procs[proc.pid] = proc
+        self._slot_of[proc.pid] = slot
         log.info("worker %d started", proc.pid)
 
     async def _wait_ready(self, ready_r: int, stop: asyncio.Event) -> None:
@@ -169,7 +185,7 @@ class Supervisor:
                     log.error("workers keep exiting; stopping")
                     stop.set()
                     return
-                await self._spawn()
+                await self._spawn(self._slot_of.pop(pid))
 
     def _reload(self) -> None:
         self.notifier.reloading()
