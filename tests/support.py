@@ -223,3 +223,20 @@ async def read_response(reader: asyncio.StreamReader) -> RawResponse:
     elif status not in (204, 304) and not 100 <= status < 200:
         resp.body = await reader.read()
     return resp
+
+
+async def drain_lines(stream: asyncio.StreamReader, into: list[str]) -> None:
+    """Keep reading a child process's output into ``into`` so its pipe never fills."""
+    async for raw in stream:
+        into.append(raw.decode(errors="replace"))
+
+
+async def stop_process(
+    proc: asyncio.subprocess.Process, drains: list[asyncio.Task[None]], sig: int
+) -> int:
+    """Signal a child process (if still running), wait for it and for its output."""
+    if proc.returncode is None:
+        proc.send_signal(sig)
+    code = await asyncio.wait_for(proc.wait(), 20)
+    await asyncio.wait_for(asyncio.gather(*drains), 5)
+    return code

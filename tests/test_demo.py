@@ -25,6 +25,8 @@ import pytest
 
 from sigproxy.demo import demo_caller
 
+from .support import drain_lines, stop_process
+
 ROOT = Path(__file__).resolve().parent.parent
 READY = "Ctrl-C stops both."
 WEBHOOK_SECRET = b"demo-webhook-secret"
@@ -89,16 +91,7 @@ class Demo:
         return "".join(self.stderr)
 
     async def stop(self, sig: int = signal.SIGINT) -> int:
-        if self.proc.returncode is None:
-            self.proc.send_signal(sig)
-        code = await asyncio.wait_for(self.proc.wait(), 20)
-        await asyncio.wait_for(asyncio.gather(*self.drains), 5)
-        return code
-
-
-async def _drain(stream: asyncio.StreamReader, into: list[str]) -> None:
-    async for raw in stream:
-        into.append(raw.decode(errors="replace"))
+        return await stop_process(self.proc, self.drains, sig)
 
 
 @contextlib.asynccontextmanager
@@ -112,7 +105,7 @@ async def start_demo(*args: str) -> AsyncIterator[Demo]:
     )  # fmt: skip
     assert proc.stdout is not None and proc.stderr is not None
     demo = Demo(proc, printed=[])
-    demo.drains.append(asyncio.create_task(_drain(proc.stderr, demo.stderr)))
+    demo.drains.append(asyncio.create_task(drain_lines(proc.stderr, demo.stderr)))
     try:
         async with asyncio.timeout(30):
             while True:
@@ -130,7 +123,7 @@ async def start_demo(*args: str) -> AsyncIterator[Demo]:
                 if text == READY:
                     break
         demo.stdout.extend(t + "\n" for t in demo.printed)
-        demo.drains.append(asyncio.create_task(_drain(proc.stdout, demo.stdout)))
+        demo.drains.append(asyncio.create_task(drain_lines(proc.stdout, demo.stdout)))
         yield demo
     finally:
         if proc.returncode is None:

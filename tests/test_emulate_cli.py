@@ -25,7 +25,15 @@ import pytest
 from awscrt import auth as crt_auth
 from awscrt import http as crt_http
 
-from .support import ACCESS_KEY, SECRET_KEY, SESSION_TOKEN, RawResponse, raw_request
+from .support import (
+    ACCESS_KEY,
+    SECRET_KEY,
+    SESSION_TOKEN,
+    RawResponse,
+    drain_lines,
+    raw_request,
+    stop_process,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -78,16 +86,7 @@ class Emulated:
         return "".join(self.stderr)
 
     async def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc.returncode is None:
-            self.proc.send_signal(sig)
-        code = await asyncio.wait_for(self.proc.wait(), 20)
-        await asyncio.wait_for(asyncio.gather(*self.drains), 5)
-        return code
-
-
-async def _drain(stream: asyncio.StreamReader, into: list[str]) -> None:
-    async for raw in stream:
-        into.append(raw.decode(errors="replace"))
+        return await stop_process(self.proc, self.drains, sig)
 
 
 @contextlib.asynccontextmanager
@@ -102,7 +101,7 @@ async def emulate(*args: str, env: dict[str, str], count: int = 1) -> AsyncItera
     )  # fmt: skip
     assert proc.stdout is not None and proc.stderr is not None
     running = Emulated(proc, {})
-    running.drains.append(asyncio.create_task(_drain(proc.stderr, running.stderr)))
+    running.drains.append(asyncio.create_task(drain_lines(proc.stderr, running.stderr)))
     try:
         async with asyncio.timeout(30):
             while len(running.functions) < count:
@@ -121,7 +120,7 @@ async def emulate(*args: str, env: dict[str, str], count: int = 1) -> AsyncItera
                 fn = Function(*fields)
                 assert re.fullmatch(r"http://127\.0\.0\.1:\d+", fn.url), fn.url
                 running.functions[fn.name] = fn
-        running.drains.append(asyncio.create_task(_drain(proc.stdout, running.stdout)))
+        running.drains.append(asyncio.create_task(drain_lines(proc.stdout, running.stdout)))
         yield running
     finally:
         if proc.returncode is None:
@@ -259,7 +258,7 @@ async def test_a_real_sigproxy_in_front_of_the_emulator(tmp_path: Path) -> None:
                     proxy_log.append(raw.decode())
                     m = re.search(r"sigproxy listening on http://127\.0\.0\.1:(\d+)", proxy_log[-1])
                     port = int(m.group(1)) if m else None
-            drain = asyncio.create_task(_drain(proxy.stderr, proxy_log))
+            drain = asyncio.create_task(drain_lines(proxy.stderr, proxy_log))
             url = f"http://127.0.0.1:{port}/hello"
             async with aiohttp.ClientSession() as session:
                 async with session.get(url + "?name=Ann") as resp:
