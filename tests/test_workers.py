@@ -8,6 +8,7 @@ import asyncio
 import os
 import signal
 import socket
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def requests_counted(pid: int) -> float:
     """sigproxy_requests_total as written by one worker to its multiprocess file."""
     from prometheus_client.mmap_dict import MmapedDict
 
-    files = list(Path("/tmp").glob(f"sigproxy-metrics-*/counter_{pid}.db"))
+    files = list(Path(tempfile.gettempdir()).glob(f"sigproxy-metrics-*/counter_{pid}.db"))
     assert len(files) == 1, files
     total = 0.0
     for key, count, *_ in MmapedDict.read_all_values_from_file(str(files[0])):
