@@ -36,7 +36,7 @@ from .errors import (
 )
 from .inbound import check_client, check_method, check_origin, check_token
 from .metrics import NO_UPSTREAM, Metrics
-from .routing import Match, Router
+from .routing import Match, Router, hostname
 from .signing import EMPTY_SHA256, sign
 
 log = logging.getLogger("sigproxy.proxy")
@@ -287,12 +287,11 @@ class Proxy:
         length = request.content_length
         if length is not None:
             try:
-                path, _ = self._target_of(request)
+                match, _ = self._route(request, self.table)
             except ProxyError:
-                return None  # the handler answers 400
-            match = self.table.router.match(request.host, path)
-            if match is None or length > match.upstream.max_body_bytes:
-                return None  # the handler answers 404 or 413
+                return None  # the handler answers 400, 403 or 404
+            if length > match.upstream.max_body_bytes:
+                return None  # the handler answers 413
         if request.version >= (1, 1):
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             request.writer.output_size = 0
@@ -325,7 +324,7 @@ class Proxy:
                 "as an HTTP proxy"
             )
         authority, slash, remainder = rest.partition("/")
-        host = _authority_host(authority)
+        host = hostname(authority)
         raw_path, raw_query = split_target("/" + remainder if slash else "/")
         path, query = normalize_path(raw_path), normalize_query(raw_query)
         match = table.forward_match(host, path)
@@ -429,14 +428,6 @@ class Proxy:
         except ConnectionError:
             return sent, CLIENT_GONE
         return sent, up.status
-
-
-def _authority_host(authority: str) -> str:
-    """Lower-cased host of ``host[:port]`` or ``[v6]:port``, without userinfo or port."""
-    host = authority.rpartition("@")[2].strip().lower()
-    if host.startswith("["):
-        return host[: host.find("]") + 1] if "]" in host else host
-    return host.partition(":")[0].rstrip(".")
 
 
 def _is_local(host: str) -> bool:

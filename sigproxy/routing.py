@@ -34,9 +34,9 @@ class Router:
 
     def match(self, host: str | None, path: str) -> Match | None:
         """Pick the upstream for a request, or ``None``."""
-        hostname = _hostname(host) if host else None
+        name = hostname(host) if host else None
         for upstream in self._routes:
-            if upstream.match_host is not None and upstream.match_host != hostname:
+            if upstream.match_host is not None and upstream.match_host != name:
                 continue
             prefix = upstream.path_prefix
             if prefix == "/":
@@ -51,9 +51,10 @@ def _join(base_path: str, remainder: str) -> str:
     return base_path + remainder or "/"
 
 
-def _hostname(host: str) -> str:
-    """Lower-cased host name of a Host header value, without its port."""
-    host = host.strip().lower()
+def hostname(host: str) -> str:
+    """Lower-cased host name of a Host header or URL authority (``host[:port]``,
+    ``[v6]:port``), without userinfo, port or trailing dot."""
+    host = host.rpartition("@")[2].strip().lower()
     if host.startswith("["):
         end = host.find("]")
         return host[: end + 1] if end != -1 else host

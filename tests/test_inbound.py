@@ -501,3 +501,33 @@ async def test_hostile_requests_never_5xx_or_leave_the_table(
     alive = await raw_request(port, "GET", "/fn/alive")
     assert alive.status == 200
     assert all(r.raw_target.startswith("/") for r in upstream.requests)
+
+
+async def test_expect_continue_in_forward_mode(
+    upstream: FakeFunctionUrl, start_proxy: StartProxy
+) -> None:
+    """The Expect handler routes absolute-form requests the way the handler does: a body
+    within the limit gets 100 Continue at once, one over it gets 413 and no 100."""
+    proxy = await start_proxy(
+        f"upstreams:\n  - {{name: fn, url: 'http://localhost:{upstream.port}', region: us-east-1, max_body_bytes: 10}}\n"
+    )
+    head = (
+        f"POST http://localhost:{upstream.port}/x HTTP/1.1\r\nHost: localhost:{upstream.port}\r\n"
+        "Content-Length: {n}\r\nExpect: 100-continue\r\n\r\n"
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(head.replace("{n}", "5").encode())
+    await writer.drain()
+    interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2)
+    assert interim.startswith(b"HTTP/1.1 100 Continue")
+    writer.write(b"hello")
+    await writer.drain()
+    assert (await asyncio.wait_for(read_response(reader), 10)).status == 200
+    writer.close()
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(head.replace("{n}", "5000").encode())
+    await writer.drain()
+    resp = await asyncio.wait_for(read_response(reader), 10)
+    writer.close()
+    assert resp.status == 413
+    assert [r.body for r in upstream.requests] == [b"hello"]
