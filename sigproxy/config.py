@@ -27,6 +27,7 @@ from .errors import BadRequest, ConfigError
 DEFAULT_MAX_BODY_BYTES = 6 * 1024 * 1024  # Function URL request payload limit
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
+SIGNERS = ("builtin", "botocore")
 
 AuthMode = Literal["aws_iam", "none"]
 
@@ -142,6 +143,9 @@ class Config:
     """Empty: any client address."""
     allowed_methods: tuple[str, ...] = DEFAULT_METHODS
     client_timeouts: ClientTimeouts = ClientTimeouts()
+    signer: str = "builtin"
+    """``builtin`` (sigproxy's own SigV4 code) or ``botocore`` (botocore's SigV4Auth);
+    both give byte-identical signatures, botocore's at about four times the CPU."""
     source: str = field(default="<config>", compare=False)
 
 
@@ -344,6 +348,7 @@ def _build_config(data: Any, source: str) -> Config:
             "allowed_clients",
             "allowed_methods",
             "client_timeouts",
+            "signer",
             "emulator",
         ),
     )
@@ -360,6 +365,7 @@ def _build_config(data: Any, source: str) -> Config:
     log_level = top.choice("log_level", "info", LOG_LEVELS)
     log_format = top.choice("log_format", "text", LOG_FORMATS)
     grace_period = top.seconds("grace_period", 30.0)
+    signer = top.choice("signer", "builtin", SIGNERS)
     admin = _build_admin(top, listen)
     raw_upstreams = top.data.get("upstreams")
     if raw_upstreams is None:
@@ -410,6 +416,7 @@ def _build_config(data: Any, source: str) -> Config:
         allow_unauthenticated=allow_unauth,
         allowed_clients=_build_clients(top),
         allowed_methods=_build_methods(top),
+        signer=signer,
         client_timeouts=optional_section(
             top,
             "client_timeouts",

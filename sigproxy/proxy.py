@@ -37,7 +37,7 @@ from .errors import (
 from .inbound import check_client, check_method, check_origin, check_token
 from .metrics import NO_UPSTREAM, Metrics
 from .routing import Match, Router, hostname
-from .signing import EMPTY_SHA256, sign
+from .signing import EMPTY_SHA256, SIGNER_CLASSES, BaseSigner
 
 log = logging.getLogger("sigproxy.proxy")
 access_log = logging.getLogger("sigproxy.access")
@@ -80,6 +80,7 @@ class _Target:
 
     upstream: Upstream
     credentials: CredentialSource | None
+    signer: BaseSigner
     timeout: aiohttp.ClientTimeout
     cors: CorsPolicy | None
 
@@ -94,6 +95,7 @@ class RouteTable:
         self.router = Router(config.upstreams)
         self.targets: dict[str, _Target] = {}
         self.by_host: dict[str, list[Upstream]] = {}
+        signer_class = SIGNER_CLASSES[config.signer]
         for upstream in config.upstreams:
             source = credentials.get(upstream.name)
             if upstream.auth == "aws_iam" and source is None:
@@ -101,6 +103,7 @@ class RouteTable:
             self.targets[upstream.name] = _Target(
                 upstream=upstream,
                 credentials=source,
+                signer=signer_class(upstream.host_header, upstream.region, upstream.service),
                 timeout=aiohttp.ClientTimeout(
                     total=None,
                     connect=upstream.timeout.connect,
@@ -203,18 +206,7 @@ class Proxy:
                     creds = await target.credentials.get()
                     t0 = time.perf_counter()
                     digest = hashlib.sha256(body).hexdigest() if body else EMPTY_SHA256
-                    headers.update(
-                        sign(
-                            request.method,
-                            upstream.origin,
-                            outgoing,
-                            upstream.host_header,
-                            digest,
-                            creds,
-                            upstream.region,
-                            upstream.service,
-                        )
-                    )
+                    headers.extend(target.signer.sign(request.method, outgoing, digest, creds))
                     m.signing_duration.observe(time.perf_counter() - t0)
                 response, status, sent, upstream_time = await self._forward(
                     request, target, outgoing, headers, body, request_id

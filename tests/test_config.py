@@ -129,6 +129,7 @@ def test_env_value_is_not_yaml() -> None:
         ("listen: {port: '${PORT}'}\n" + up(), "listen.port", "PORT is not set"),
         ("listen: {hots: x}\n" + up(), "listen.hots", "did you mean 'host'"),
         ("log_level: loud\n" + up(), "log_level", "must be one of"),
+        ("signer: fast\n" + up(), "signer", "must be one of"),
         ("colour: blue\n" + up(), "colour", "unknown key"),
         (up(name=None), "upstreams[0].name", "is required"),
         (up(name="Orders"), "upstreams[0].name", "a-z, 0-9"),

@@ -12,8 +12,9 @@ from .conftest import StartProxy, one_upstream
 from .support import FakeFunctionUrl, raw_request, verify_sigv4
 
 
-def prefixed(port: int) -> str:
+def prefixed(port: int, signer: str = "builtin") -> str:
     return (
+        f"signer: {signer}\n"
         "upstreams:\n"
         "  - name: orders\n"
         f"    url: http://127.0.0.1:{port}/base\n"
@@ -50,11 +51,16 @@ TARGETS = [
 ]
 
 
+@pytest.mark.parametrize("signer", ["builtin", "botocore"])
 @pytest.mark.parametrize(("client_target", "expected"), TARGETS)
 async def test_awkward_targets_arrive_as_signed(
-    upstream: FakeFunctionUrl, start_proxy: StartProxy, client_target: str, expected: str
+    upstream: FakeFunctionUrl,
+    start_proxy: StartProxy,
+    client_target: str,
+    expected: str,
+    signer: str,
 ) -> None:
-    proxy = await start_proxy(prefixed(upstream.port))
+    proxy = await start_proxy(prefixed(upstream.port, signer))
     resp = await raw_request(proxy.port, "GET", client_target)
     assert resp.status == 200, resp.body
     rec = upstream.last
