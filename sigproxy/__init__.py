@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from .app import create_app, serve
+from .app import create_proxy, serve
 from .config import Config, load_config
 
-__all__ = ["Config", "__version__", "create_app", "load_config", "serve"]
+__all__ = ["Config", "__version__", "create_proxy", "load_config", "serve"]

@@ -9,7 +9,7 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 from aiohttp import web
@@ -27,68 +27,34 @@ from .proxy import Proxy, RouteTable
 
 log = logging.getLogger("sigproxy")
 
-PROXY_KEY = web.AppKey("proxy", Proxy)
-METRICS_KEY = web.AppKey("metrics", Metrics)
 
-
-def create_app(
+def create_proxy(
     config: Config,
     *,
     credentials: CredentialStore | None = None,
     registry: CollectorRegistry | None = None,
-) -> web.Application:
-    """Build the proxy application.
+) -> Proxy:
+    """Build the proxy: route table, metrics and request handler.
 
     ``credentials`` defaults to resolving every upstream's credentials now (blocking);
-    ``registry`` defaults to a fresh registry, so apps never share metrics by accident.
+    ``registry`` defaults to a fresh registry, so proxies never share metrics by accident.
     """
     protect_secrets()
     store = credentials if credentials is not None else CredentialStore.resolve(config)
-    metrics = Metrics(registry)
-    proxy = Proxy(RouteTable(config, store), metrics)
-    metrics.registry.register(CredentialCollector(lambda: proxy.table))
-
-    @web.middleware
-    async def every_request(
-        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
-        # The router can't match CONNECT's authority-form or OPTIONS *; the proxy
-        # handles every request itself, whatever its target.
-        return await proxy.handle(request)
-
-    app = web.Application(middlewares=[every_request])
-    app[PROXY_KEY] = proxy
-    app[METRICS_KEY] = metrics
-    # One catch-all route (for its Expect handler): the proxy port claims no paths.
-    app.router.add_route("*", "/{tail:.*}", proxy.handle, expect_handler=proxy.expect)
-
-    async def client_session(app: web.Application) -> AsyncIterator[None]:
-        await proxy.open()
-        yield
-        await proxy.close()
-
-    app.cleanup_ctx.append(client_session)
-    return app
+    proxy = Proxy(RouteTable(config, store), Metrics(registry))
+    proxy.metrics.registry.register(CredentialCollector(lambda: proxy.table))
+    return proxy
 
 
 def make_runner(
-    app: web.Application, *, shutdown_timeout: float = 30.0, idle_timeout: float = 15.0
-) -> web.AppRunner:
-    """An AppRunner set up the way sigproxy serves: a client that disconnects cancels
-    its handler (and so its upstream request); aiohttp's own access log (which would
-    print query strings) is off in favour of sigproxy's; request bodies are not
-    decompressed; parser errors are answered in JSON; a connection that sends no
-    complete request head within ``idle_timeout`` seconds is closed (slow clients)."""
-    return ProxyRunner(
-        app,
-        handler_cancellation=True,
-        access_log=None,
-        shutdown_timeout=shutdown_timeout,
-        keepalive_timeout=idle_timeout,
-        # Request bodies go upstream byte for byte, Content-Encoding and all: the hash
-        # is of what is sent, and the function decides what to do with gzip.
-        auto_decompress=False,
-    )
+    proxy: Proxy, *, shutdown_timeout: float = 30.0, idle_timeout: float = 15.0
+) -> web.BaseRunner:
+    """A runner set up the way sigproxy serves (see :class:`~sigproxy.protocol.ProxyRunner`):
+    a client that disconnects cancels its handler (and so its upstream request); aiohttp's
+    own access log (which would print query strings) is off in favour of sigproxy's;
+    request bodies are not decompressed; parser errors are answered in JSON; a connection
+    that sends no complete request head within ``idle_timeout`` seconds is closed."""
+    return ProxyRunner(proxy, shutdown_timeout=shutdown_timeout, idle_timeout=idle_timeout)
 
 
 @contextlib.asynccontextmanager
@@ -106,10 +72,10 @@ async def stop_signals() -> AsyncIterator[asyncio.Event]:
             loop.remove_signal_handler(sig)
 
 
-async def start_proxy(config: Config, credentials: CredentialStore) -> web.AppRunner:
-    """Set up the app and open its listening socket; returns the runner to clean up."""
+async def start_proxy(config: Config, credentials: CredentialStore) -> web.BaseRunner:
+    """Set up the proxy and open its listening socket; returns the runner to clean up."""
     runner = make_runner(
-        create_app(config, credentials=credentials),
+        create_proxy(config, credentials=credentials),
         shutdown_timeout=config.grace_period,
         idle_timeout=config.client_timeouts.header,
     )
@@ -118,7 +84,7 @@ async def start_proxy(config: Config, credentials: CredentialStore) -> web.AppRu
 
 
 async def _listen(
-    runner: web.AppRunner, host: str, port: int, what: str, sock: socket.socket | None = None
+    runner: web.BaseRunner, host: str, port: int, what: str, sock: socket.socket | None = None
 ) -> None:
     await runner.setup()
     site: web.BaseSite
@@ -156,11 +122,10 @@ class Server:
         self._load = load
         self.notifier = notifier or Notifier()
         self.state = ServerState()
-        self.app = create_app(config, credentials=credentials)
-        self.proxy = self.app[PROXY_KEY]
-        self.metrics = self.app[METRICS_KEY]
+        self.proxy = create_proxy(config, credentials=credentials)
+        self.metrics = self.proxy.metrics
         self._runner = make_runner(
-            self.app,
+            self.proxy,
             shutdown_timeout=config.grace_period,
             idle_timeout=config.client_timeouts.header,
         )

@@ -30,6 +30,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 
 class SigproxyError(Exception):
@@ -165,21 +166,22 @@ def proxy_error_response(exc: ProxyError, request_id: str | None = None) -> web.
 
 
 def upstream_failure(exc: BaseException, upstream: str) -> ProxyError:
-    """Translate an aiohttp client exception into what the client is told; ``kind`` is
+    """Translate an upstream client exception into what the client is told; ``kind`` is
     the bounded metric label (connect, tls, timeout, reset)."""
-    if isinstance(exc, aiohttp.ClientSSLError):
+    kind = getattr(exc, "kind", None)  # sigproxy.upstream.ConnectError
+    if kind == "tls" or isinstance(exc, aiohttp.ClientSSLError):
         return UpstreamUnreachable(
             f"TLS handshake with upstream {upstream!r} failed", upstream=upstream, kind="tls"
         )
-    if isinstance(exc, aiohttp.ClientConnectorError):
+    if kind == "connect" or isinstance(exc, aiohttp.ClientConnectorError):
         return UpstreamUnreachable(
             f"cannot connect to upstream {upstream!r}", upstream=upstream, kind="connect"
         )
-    if isinstance(exc, TimeoutError):
+    if kind == "timeout" or isinstance(exc, TimeoutError):
         return UpstreamTimeout(
             f"upstream {upstream!r} did not answer in time", upstream=upstream, kind="timeout"
         )
-    if isinstance(exc, aiohttp.ClientResponseError):
+    if isinstance(exc, aiohttp.ClientResponseError | HttpProcessingError):
         return UpstreamUnreachable(
             f"upstream {upstream!r} sent an invalid response", upstream=upstream, kind="reset"
         )

@@ -24,7 +24,7 @@ CONNECT_HELP = (
 )
 
 
-def check_client(request: web.Request, config: Config) -> None:
+def check_client(request: web.BaseRequest, config: Config) -> None:
     if not config.allowed_clients:
         return
     try:
@@ -35,7 +35,7 @@ def check_client(request: web.Request, config: Config) -> None:
         raise Forbidden("this client address is not in allowed_clients", code="client_not_allowed")
 
 
-def check_method(request: web.Request, config: Config) -> None:
+def check_method(request: web.BaseRequest, config: Config) -> None:
     method = request.method
     if method == "CONNECT":
         raise MethodNotAllowed(CONNECT_HELP, headers={"Allow": ", ".join(config.allowed_methods)})
@@ -46,7 +46,7 @@ def check_method(request: web.Request, config: Config) -> None:
         )
 
 
-def check_token(request: web.Request, auth: InboundAuth) -> None:
+def check_token(request: web.BaseRequest, auth: InboundAuth) -> None:
     """Constant-time check of the inbound token; the token is never echoed."""
     value = request.headers.get(auth.header, "")
     if auth.header.lower() == "authorization":
@@ -69,7 +69,7 @@ def check_token(request: web.Request, auth: InboundAuth) -> None:
         )
 
 
-def check_origin(request: web.Request, policy: CorsPolicy | None) -> None:
+def check_origin(request: web.BaseRequest, policy: CorsPolicy | None) -> None:
     """Refuse what a web page on another origin makes a browser send, unless the
     upstream's CORS policy allows that origin."""
     origin = request.headers.get("Origin")

@@ -15,6 +15,8 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server
 
+from .proxy import Proxy
+
 log = logging.getLogger("sigproxy.protocol")
 
 
@@ -73,12 +75,29 @@ class JsonErrorServer(Server):
         return JsonErrorRequestHandler(self, loop=self._loop, **self._kwargs)
 
 
-class ProxyRunner(web.AppRunner):
-    """An AppRunner whose connections answer parser errors with JSON."""
+class ProxyRunner(web.ServerRunner):
+    """Serves :meth:`Proxy.handle` on aiohttp's low-level server: every request goes to
+    the proxy whatever its target (CONNECT's authority form and ``OPTIONS *`` included),
+    without an Application's router and middleware chain. Opens the proxy's upstream
+    connections at setup and closes them at cleanup."""
+
+    def __init__(self, proxy: Proxy, *, shutdown_timeout: float, idle_timeout: float) -> None:
+        server = JsonErrorServer(
+            proxy.handle,
+            handler_cancellation=True,
+            access_log=None,
+            keepalive_timeout=idle_timeout,
+            # Request bodies go upstream byte for byte, Content-Encoding and all: the hash
+            # is of what is sent, and the function decides what to do with gzip.
+            auto_decompress=False,
+        )
+        super().__init__(server, shutdown_timeout=shutdown_timeout)
+        self.proxy = proxy
 
     async def _make_server(self) -> Server:
-        server = await super()._make_server()
-        # aiohttp builds the Server inside Application._make_handler; adopting it keeps
-        # every setting it was given and only changes which handler class it makes.
-        server.__class__ = JsonErrorServer
-        return server
+        await self.proxy.open()
+        return await super()._make_server()
+
+    async def _cleanup_server(self) -> None:
+        await super()._cleanup_server()
+        await self.proxy.close()

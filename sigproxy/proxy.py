@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
 import logging
+import os
 import re
 import time
-import uuid
 from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -38,6 +38,7 @@ from .inbound import check_client, check_method, check_origin, check_token
 from .metrics import NO_UPSTREAM, Metrics
 from .routing import Match, Router, hostname
 from .signing import EMPTY_SHA256, SIGNER_CLASSES, BaseSigner
+from .upstream import ConnectError, Origin, UpstreamClient, UpstreamResponse
 
 log = logging.getLogger("sigproxy.proxy")
 access_log = logging.getLogger("sigproxy.access")
@@ -69,7 +70,6 @@ _REQUEST_DROP = HOP_BY_HOP | {
 }
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
-_LARGE_BODY = 1 << 20
 # Status recorded (never sent) when the client disconnected, as nginx does.
 CLIENT_GONE = 499
 
@@ -81,7 +81,7 @@ class _Target:
     upstream: Upstream
     credentials: CredentialSource | None
     signer: BaseSigner
-    timeout: aiohttp.ClientTimeout
+    origin: Origin
     cors: CorsPolicy | None
 
 
@@ -104,11 +104,7 @@ class RouteTable:
                 upstream=upstream,
                 credentials=source,
                 signer=signer_class(upstream.host_header, upstream.region, upstream.service),
-                timeout=aiohttp.ClientTimeout(
-                    total=None,
-                    connect=upstream.timeout.connect,
-                    sock_read=upstream.timeout.read,
-                ),
+                origin=_origin(upstream),
                 cors=CorsPolicy(upstream.cors) if upstream.cors is not None else None,
             )
             # Forward-proxy requests name the Function URL's own host.
@@ -126,35 +122,27 @@ class RouteTable:
 
 
 class Proxy:
-    """Owns the current route table, the client session and the per-request work."""
+    """Owns the current route table, the upstream connections and the per-request work."""
 
     def __init__(self, table: RouteTable, metrics: Metrics) -> None:
         self.table = table
         self.metrics = metrics
-        self._session: aiohttp.ClientSession | None = None
+        self._client: UpstreamClient | None = None
 
     def swap(self, table: RouteTable) -> None:
         """Serve new requests from ``table``; requests in flight finish on the old one."""
         self.table = table
 
     async def open(self) -> None:
-        """Create the shared client session (keep-alive pools, TLS verified)."""
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, enable_cleanup_closed=True),
-            auto_decompress=False,
-            # Only what the client sent goes upstream: no default Accept-Encoding,
-            # User-Agent or Content-Type of aiohttp's own.
-            skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
-            cookie_jar=aiohttp.DummyCookieJar(),
-            trust_env=False,
-        )
+        """Create the upstream connection pools (TLS verified with the system's CAs)."""
+        self._client = UpstreamClient()
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """aiohttp handler for every request on the proxy port."""
         started = time.perf_counter()
         request_id = _request_id(request)
@@ -172,9 +160,10 @@ class Proxy:
                 config = table.config
                 check_client(request, config)
                 check_method(request, config)
-                expect = request.headers.get("Expect")
-                if expect is not None and expect.lower() != "100-continue":
-                    raise ExpectationFailed("only 'Expect: 100-continue' is supported")
+                if "Expect" in request.headers:
+                    if request.headers["Expect"].lower() != "100-continue":
+                        raise ExpectationFailed("only 'Expect: 100-continue' is supported")
+                    await self.expect(request)
                 match, query = self._route(request, table)
                 upstream = match.upstream
                 upstream_name = upstream.name
@@ -191,8 +180,10 @@ class Proxy:
                 if config.inbound_auth is not None:
                     check_token(request, config.inbound_auth)
                 try:
-                    async with asyncio.timeout(config.client_timeouts.body):
-                        body = await _read_body(request, upstream.max_body_bytes)
+                    body = _body_at_hand(request, upstream.max_body_bytes)
+                    if body is None:
+                        async with asyncio.timeout(config.client_timeouts.body):
+                            body = await _read_body(request, upstream.max_body_bytes)
                 except TimeoutError:
                     raise RequestTimeout(
                         f"the request body did not arrive within "
@@ -271,7 +262,7 @@ class Proxy:
                     },
                 )
 
-    async def expect(self, request: web.Request) -> web.StreamResponse | None:
+    async def expect(self, request: web.BaseRequest) -> web.StreamResponse | None:
         """Answer ``Expect: 100-continue``. A body the route would refuse gets no
         ``100 Continue``: the handler answers 413 at once and the client never sends it."""
         if request.headers.get("Expect", "").lower() != "100-continue":
@@ -289,11 +280,11 @@ class Proxy:
             request.writer.output_size = 0
         return None
 
-    def _target_of(self, request: web.Request) -> tuple[str, str]:
+    def _target_of(self, request: web.BaseRequest) -> tuple[str, str]:
         raw_path, raw_query = split_target(request.raw_path)
         return normalize_path(raw_path), normalize_query(raw_query)
 
-    def _route(self, request: web.Request, table: RouteTable) -> tuple[Match, str]:
+    def _route(self, request: web.BaseRequest, table: RouteTable) -> tuple[Match, str]:
         """The upstream and canonical path for a request in origin form (reverse proxy)
         or absolute form (``GET http://<function url host>/path``: forward proxy)."""
         raw = request.raw_path
@@ -339,59 +330,84 @@ class Proxy:
 
     async def _forward(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         target: _Target,
         outgoing: str,
         headers: CIMultiDict[str],
         body: bytes,
         request_id: str,
     ) -> tuple[web.StreamResponse, int, int, float]:
-        assert self._session is not None, "Proxy.open() was not called"
+        assert self._client is not None, "Proxy.open() was not called"
         upstream = target.upstream
-        url = URL(upstream.origin + outgoing, encoded=True)
-        sent = 0
         t0 = time.perf_counter()
         try:
-            async with self._session.request(
+            up = await self._client.request(
+                target.origin,
                 request.method,
-                url,
-                headers=headers,
-                data=_payload(body),
-                allow_redirects=False,
-                timeout=target.timeout,
-                compress=None,
-            ) as up:
-                upstream_time = time.perf_counter() - t0
+                outgoing,
+                list(headers.items()),
+                body,
+                connect_timeout=upstream.timeout.connect,
+                read_timeout=upstream.timeout.read,
+            )
+        except (TimeoutError, aiohttp.ClientError, HttpProcessingError, ConnectError) as exc:
+            raise upstream_failure(exc, upstream.name) from exc
+        try:
+            upstream_time = time.perf_counter() - t0
+            length = up.content_length
+            whole = (
+                length is not None
+                and request.method != "HEAD"
+                and up.status not in (204, 304)
+                and up.content.is_eof()
+                and "Transfer-Encoding" not in up.headers
+            )
+            response: web.StreamResponse
+            if whole:
+                # The body came with the head: send it with the headers in one write,
+                # where a streamed response costs a write for each.
+                response = web.Response(status=up.status, reason=up.reason)
+            else:
                 response = web.StreamResponse(status=up.status, reason=up.reason)
-                _copy_response_headers(up.headers, response, request_id, target.cors is not None)
-                if target.cors is not None:
-                    for name, value in target.cors.response_headers(request.headers.get("Origin")):
-                        response.headers.add(name, value)
-                response.headers["X-Request-Id"] = request_id
-                if up.content_length is not None and "Transfer-Encoding" not in up.headers:
-                    response.content_length = up.content_length
+            _copy_response_headers(up.headers, response, request_id, target.cors is not None)
+            if target.cors is not None:
+                for name, value in target.cors.response_headers(request.headers.get("Origin")):
+                    response.headers.add(name, value)
+            response.headers["X-Request-Id"] = request_id
+            if whole:
+                assert isinstance(response, web.Response)
+                response.body = up.content.read_nowait()
                 try:
                     await response.prepare(request)
+                    await response.write_eof()
                 except ConnectionError:
                     return response, CLIENT_GONE, 0, upstream_time
-                sent, status = await self._stream(request, up, response, upstream.name, request_id)
-                return response, status, sent, upstream_time
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            raise upstream_failure(exc, upstream.name) from exc
+                return response, up.status, len(response.body), upstream_time
+            if length is not None and "Transfer-Encoding" not in up.headers:
+                response.content_length = length
+            try:
+                await response.prepare(request)
+            except ConnectionError:
+                return response, CLIENT_GONE, 0, upstream_time
+            sent, status = await self._stream(request, up, response, upstream.name, request_id)
+            return response, status, sent, upstream_time
+        finally:
+            up.release()
 
     async def _stream(
         self,
-        request: web.Request,
-        up: aiohttp.ClientResponse,
+        request: web.BaseRequest,
+        up: UpstreamResponse,
         response: web.StreamResponse,
         upstream: str,
         request_id: str,
     ) -> tuple[int, int]:
         """Copy the upstream body to the client as it arrives; returns (bytes, status)."""
         sent = 0
+        content = up.content
         while True:
             try:
-                chunk = await up.content.readany()
+                chunk = await content.readany()
             except (TimeoutError, aiohttp.ClientError) as exc:
                 # Headers are out; the only honest signal left is a cut connection, so
                 # the client never mistakes a truncated body for a whole one.
@@ -427,7 +443,7 @@ def _is_local(host: str) -> bool:
 
 
 def _preflight(
-    policy: CorsPolicy, origin: str, method: str, request: web.Request, request_id: str
+    policy: CorsPolicy, origin: str, method: str, request: web.BaseRequest, request_id: str
 ) -> web.Response:
     wanted = request.headers.get("Access-Control-Request-Headers", "").split(",")
     granted = policy.preflight(origin, method, wanted)
@@ -439,21 +455,33 @@ def _preflight(
     return resp
 
 
-def _payload(body: bytes) -> bytes | io.BytesIO | None:
-    if not body:
-        return None
-    # aiohttp writes a bytes body in one piece and warns above 1 MiB; it streams BytesIO.
-    return body if len(body) <= _LARGE_BODY else io.BytesIO(body)
+def _origin(upstream: Upstream) -> Origin:
+    url = URL(upstream.origin)
+    assert url.host is not None
+    assert url.port is not None
+    return Origin(upstream.scheme, url.host, url.port)
 
 
-def _request_id(request: web.Request) -> str:
+def _request_id(request: web.BaseRequest) -> str:
     given = request.headers.get("X-Request-Id")
     if given and _REQUEST_ID_RE.match(given):
         return given
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()
 
 
-async def _read_body(request: web.Request, limit: int) -> bytes:
+def _body_at_hand(request: web.BaseRequest, limit: int) -> bytes | None:
+    """The body when it is already whole in memory (it came with the request head), or
+    None when it has to be read."""
+    if not request.body_exists:
+        return b""
+    content = request.content
+    length = request.content_length
+    if length is not None and length <= limit and content.is_eof():
+        return content.read_nowait()
+    return None
+
+
+async def _read_body(request: web.BaseRequest, limit: int) -> bytes:
     """The whole request body, or :class:`BodyTooLarge` as soon as it passes ``limit``."""
     length = request.content_length
     if length is not None and length > limit:
@@ -473,7 +501,7 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _refuse_rest_of_body(request: web.Request, resp: web.StreamResponse) -> None:
+async def _refuse_rest_of_body(request: web.BaseRequest, resp: web.StreamResponse) -> None:
     """Send the 413 and close the connection without reading the rest of the body.
 
     aiohttp would otherwise do a lingering close, reading and discarding up to 10 s of
@@ -498,7 +526,7 @@ def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
 
 
 def _forward_headers(
-    request: web.Request, upstream: Upstream, request_id: str, strip: str | None = None
+    request: web.BaseRequest, upstream: Upstream, request_id: str, strip: str | None = None
 ) -> CIMultiDict[str]:
     """The client's headers as they go upstream (before signing); ``strip`` names the
     inbound_auth header, which is the proxy's and never forwarded."""

@@ -10,7 +10,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
-from sigproxy.app import create_app, make_runner
+from sigproxy.app import create_proxy, make_runner
 from sigproxy.config import Config, parse_config
 from sigproxy.credentials import CredentialSource, CredentialStore
 
@@ -74,7 +74,7 @@ async def start_proxy() -> AsyncIterator[StartProxy]:
     ``await start_proxy(yaml_text, credentials=None)``: ``credentials`` defaults to one
     static source (the test keys, with a session token) for every aws_iam upstream.
     """
-    runners: list[web.AppRunner] = []
+    runners: list[web.BaseRunner] = []
 
     async def start(
         yaml_text: str, credentials: CredentialStore | CredentialSource | None = None
@@ -85,8 +85,8 @@ async def start_proxy() -> AsyncIterator[StartProxy]:
         if isinstance(credentials, CredentialSource):
             credentials = CredentialStore.static_for(config, credentials)
         registry = CollectorRegistry()
-        app = create_app(config, credentials=credentials, registry=registry)
-        runner = make_runner(app, shutdown_timeout=2)
+        proxy = create_proxy(config, credentials=credentials, registry=registry)
+        runner = make_runner(proxy, shutdown_timeout=2)
         await runner.setup()
         runners.append(runner)
         site = web.TCPSite(runner, "127.0.0.1", 0)
