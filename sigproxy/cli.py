@@ -16,9 +16,7 @@ from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
 from . import __version__
-from .app import serve
 from .config import LOG_FORMATS, LOG_LEVELS, Config, Listen, load_config
-from .credentials import CredentialStore
 from .errors import ConfigError, ListenError, SigproxyError
 from .logs import setup_logging
 from .notify import Notifier
@@ -96,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
+    _without_awscrt()
     args = build_parser().parse_args(argv)
     if args.command == "demo":
         return _demo(args)
@@ -115,6 +114,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(exc))
     except KeyboardInterrupt:
         return EXIT_OK
+
+
+def _without_awscrt() -> None:
+    """Keep botocore from loading awscrt. botocore imports it whenever it is installed
+    (``pip install sigproxy[test]`` brings it) for S3 checksums and SigV4a, which sigproxy
+    never uses; it costs every worker 6 MiB of memory and 40 ms of start-up. Library
+    users who import sigproxy themselves are left alone."""
+    if "botocore" not in sys.modules:
+        sys.modules.setdefault("awscrt", None)  # type: ignore[arg-type]
 
 
 def _apply_overrides(config: Config, args: argparse.Namespace) -> Config:
@@ -137,6 +145,8 @@ def _fail(message: str) -> int:
 
 
 def _check(config: Config) -> int:
+    from .credentials import CredentialStore
+
     store = CredentialStore.resolve(config)
     rows = [("PREFIX", "HOST", "UPSTREAM", "URL", "REGION", "SERVICE", "AUTH", "CREDENTIALS")]
     for upstream in config.upstreams:
@@ -162,6 +172,9 @@ def _check(config: Config) -> int:
 
 
 def _serve(config: Config, path: str, args: argparse.Namespace) -> int:
+    from .app import serve
+    from .credentials import CredentialStore
+
     workers = worker_count(args.workers)
     store = CredentialStore.resolve(config)
     if args.worker_fds is None:
