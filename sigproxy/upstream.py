@@ -89,7 +89,7 @@ class UpstreamResponse:
         if self.content.is_eof() and not protocol.should_close and protocol.is_connected():
             self._client._put(self._origin, protocol)
         else:
-            protocol.abort()
+            _abort(protocol)
 
 
 class UpstreamClient:
@@ -203,9 +203,17 @@ class UpstreamClient:
                 if not 100 <= message.code < 200 or message.code == 101:
                     break
         except BaseException:
-            protocol.abort()
+            _abort(protocol)
             raise
         return UpstreamResponse(self, origin, protocol, message, payload)
+
+
+def _abort(protocol: ResponseHandler) -> None:
+    # Closed without waiting to flush: the connection is in an unknown state.
+    # (ResponseHandler.abort() only exists in newer aiohttp releases.)
+    transport = protocol.transport
+    if transport is not None:
+        transport.abort()
 
 
 def _head(method: str, target: str, headers: list[tuple[str, str]], body: bytes) -> bytes:
