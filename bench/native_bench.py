@@ -1,14 +1,22 @@
-"""sigproxy against Envoy's aws_request_signing filter, with native tools, in one run.
+"""sigproxy against Envoy's aws_request_signing filter, with native tools, in one command.
 
 A benchmark run by hand, not a test. From the repo root, as root (it installs what it
 needs), one command::
 
-    python bench/native_bench.py [--duration 10] [--connections 32] [--workers N] [--quick]
+    python bench/native_bench.py [--runs 3] [--duration 10] [--connections 32] [--workers N]
+                                 [--quick]
 
-``--quick`` runs 3 s measurements of the two POST workloads only (about a minute);
-the default run takes about five minutes. The report (markdown) goes to stdout, progress
-to stderr. Everything listens on and targets 127.0.0.1 only, every load loop is bounded
-in time, and every process and temporary file it made is removed on exit, Ctrl-C included.
+Every figure is measured in ``--runs`` rounds (default 3, ``--quick`` included): each
+round takes the targets in the order below, starts each proxy afresh, measures it on
+every workload once and, for the targets with a fixed-offered-load row, at that load
+right after. The tables show the median over the rounds (and the req/s range), each
+sigproxy/Envoy ratio is the median of the ratios computed within each round (the
+per-round values follow in brackets), so one noisy run no longer decides a ratio.
+``--quick`` runs 3 s measurements of the two POST workloads only (about a minute per
+round, about 3 minutes with 3 rounds); the default run takes about four minutes per
+round, about 12 minutes with 3 rounds. The report (markdown) goes to stdout, progress to
+stderr. Everything listens on and targets 127.0.0.1 only, every load loop is bounded in
+time, and every process and temporary file it made is removed on exit, Ctrl-C included.
 
 Tools, installed when missing (idempotent; a second run installs nothing):
 
@@ -21,33 +29,39 @@ Tools, installed when missing (idempotent; a second run installs nothing):
 What runs:
 
 * upstream: nginx (one worker) on 127.0.0.1 from ``bench/nginx.conf.tmpl``: ``{"ok":true}``
-  for any method and path, request bodies up to 8 MiB accepted and discarded;
-* targets, one at a time so none steals CPU from another: the upstream directly;
-  ``python -m sigproxy serve`` (``auth: aws_iam``, service lambda, static fake session
-  credentials from the environment) with one worker and with ``--workers N`` (skipped
-  while ``sigproxy serve --help`` has no ``--workers``); Envoy from ``bench/envoy.yaml.tmpl``
-  (aws_request_signing with the payload hashed, so the body is buffered) with
-  ``--concurrency 1`` and ``--concurrency N``. N defaults to ``os.cpu_count()``;
-* before its load, every proxy is checked to really sign: a POST to the upstream's
-  ``/_echo`` must arrive with a SigV4 Authorization for lambda/us-east-1 and the key id,
-  the session token, and ``x-amz-content-sha256`` equal to the body's SHA-256;
+  for any method and path, request bodies up to 8 MiB accepted and discarded; it stays
+  up for all rounds;
+* targets, one at a time so none steals CPU from another, in this order in every round:
+  the upstream directly; ``python -m sigproxy serve`` (``auth: aws_iam``, service lambda,
+  static fake session credentials from the environment) with one worker and with
+  ``--workers N`` (skipped while ``sigproxy serve --help`` has no ``--workers``); Envoy
+  from ``bench/envoy.yaml.tmpl`` (aws_request_signing with the payload hashed, so the
+  body is buffered) with ``--concurrency 1`` and ``--concurrency N``. N defaults to
+  ``os.cpu_count()``. Each proxy is started afresh in every round;
+* before its load, in every round, every proxy is checked to really sign: a POST to the
+  upstream's ``/_echo`` must arrive with a SigV4 Authorization for lambda/us-east-1 and
+  the key id, the session token, and ``x-amz-content-sha256`` equal to the body's SHA-256;
 * load: wrk with ``bench/wrk.lua`` (GET, POST 1 KiB, POST 1 MiB), ``--connections``
   connections on one wrk thread (``--wrk-threads``), a warm-up run that is not counted,
-  then the measured run. Per (target, workload): req/s, p50, p99, errors (HTTP >= 400 as
-  wrk counts them, and socket errors), and the CPU seconds the proxy's process tree
-  (the process and all its descendants, utime+stime from /proc) used per 1,000 requests;
-* fixed offered load: 2,000 req/s of 1 KiB POSTs, open loop, with latency measured from
-  each request's scheduled send time, against the upstream, sigproxy (1 worker) and
-  Envoy (concurrency 1). wrk2 is not in Debian, so this uses the asyncio generator below
-  (run in its own process); the report says which tool was used;
-* time to first byte of a streamed response (first chunk at once, then 4 chunks 25 ms
-  apart) from a small aiohttp server in its own process: median over 50 requests,
-  directly, through sigproxy and through Envoy;
-* peak RSS (VmHWM) of a fresh one-worker sigproxy before and after a 64 MiB response
-  streams through it.
+  then the measured run. Per (target, workload) and round: req/s, p50, p99, errors (HTTP
+  >= 400 as wrk counts them, and socket errors), and the CPU seconds the proxy's process
+  tree (the process and all its descendants, utime+stime from /proc) used per 1,000
+  requests;
+* fixed offered load, in every round: 2,000 req/s of 1 KiB POSTs, open loop, with latency
+  measured from each request's scheduled send time, against the upstream, sigproxy
+  (1 worker) and Envoy (concurrency 1). wrk2 is not in Debian, so this uses the asyncio
+  generator below (run in its own process); the report says which tool was used;
+* once, after the rounds (neither is noisy): time to first byte of a streamed response
+  (first chunk at once, then 4 chunks 25 ms apart) from a small aiohttp server in its own
+  process: median over 50 requests, directly, through sigproxy and through Envoy; peak
+  RSS (VmHWM) of a fresh one-worker sigproxy before and after a 64 MiB response streams
+  through it.
 
-The report ends with the sigproxy/Envoy ratios per workload and whatever the proxies
-logged (sigproxy at ``log_level: warning``, Envoy at ``warn``).
+The report then gives the sigproxy/Envoy ratios per workload, whatever the proxies
+logged (sigproxy at ``log_level: warning``, Envoy at ``warn``), and ends with the
+performance targets (1 KiB POST req/s >= 0.40x Envoy with 1 worker and >= 0.50x with 2;
+open-loop p99 <= 2x Envoy's; streamed first byte within 5 ms of direct; peak RSS per
+worker <= 60 MB), each with the measured figure and met / missed.
 """
 
 from __future__ import annotations
@@ -72,9 +86,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -93,6 +108,8 @@ FIXED_RATE_BODY = 1024
 STREAM_CHUNKS = 5  # first at once, then one every STREAM_INTERVAL_S
 STREAM_INTERVAL_S = 0.025
 BIG_BYTES = 64 * 1024 * 1024
+RSS_TARGET_BYTES = 60_000_000  # peak RSS per worker, from the performance issue
+ERROR_KINDS = ("status", "connect", "read", "write", "timeout")  # wrk's, in bench/wrk.lua
 WRK_TIMEOUT_S = 10  # per request, inside wrk
 START_TIMEOUT_S = 30.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -288,6 +305,8 @@ class Runner:
         self.stack = stack
         self.tmp = tmp
         self.logs: dict[str, list[Path]] = collections.defaultdict(list)
+        # Stopped already: the exit callback must not signal a pid that may be reused.
+        self.stopped: set[subprocess.Popen] = set()
 
     def start(self, name: str, cmd: list[str], port: int, env: dict | None = None) -> Server:
         log_path = self.tmp / f"{name.replace(' ', '_')}-{port}.log"
@@ -301,14 +320,19 @@ class Runner:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        self.stack.callback(stop_group, proc)
+        self.stack.callback(self._stop_proc, proc)
         server = Server(name, proc, port, log_path)
         self.logs[name.split(" ")[0]].append(log_path)
         wait_for_port(server)
         return server
 
+    def _stop_proc(self, proc: subprocess.Popen) -> None:
+        if proc not in self.stopped:
+            stop_group(proc)
+            self.stopped.add(proc)
+
     def stop(self, server: Server) -> None:
-        stop_group(server.proc)
+        self._stop_proc(server.proc)
 
 
 def start_nginx(runner: Runner, tools: Tools) -> Server:
@@ -400,6 +424,15 @@ def proc_status_kb(pid: int, key: str) -> int:
     raise KeyError(key)
 
 
+def tree_hwm_kb(root: int) -> dict[int, int]:
+    """VmHWM (KiB) of ``root`` and each of its descendants: per worker, should it fork."""
+    found = {}
+    for pid in tree_cpu(root):
+        with contextlib.suppress(OSError, KeyError, ValueError):
+            found[pid] = proc_status_kb(pid, "VmHWM")
+    return found
+
+
 # --------------------------------------------------------------------------- checks
 
 
@@ -462,6 +495,7 @@ class Row:
     cpu: dict[int, float] | None = None  # per process of the proxy tree, measured run
     skipped: str | None = None
     root: int | None = None
+    run: int = 1  # the round (1-based) this row was measured in
 
     @property
     def cpu_s(self) -> float | None:
@@ -485,17 +519,23 @@ class Row:
         return self.result["requests"] / (self.result["duration_us"] / 1e6)
 
     @property
+    def p50_ms(self) -> float | None:
+        return self.result["p50_us"] / 1000 if self.result else None
+
+    @property
     def p99_ms(self) -> float | None:
         return self.result["p99_us"] / 1000 if self.result else None
 
     @property
+    def cpu_per_1k(self) -> float | None:
+        """Proxy CPU seconds per 1,000 requests (None for the direct target)."""
+        if self.cpu_s is None or not self.result:
+            return None
+        return self.cpu_s / max(self.result["requests"], 1) * 1000
+
+    @property
     def errors(self) -> str:
-        r = self.result
-        if r is None:
-            return ""
-        kinds = ("status", "connect", "read", "write", "timeout")
-        parts = [f"{k} {r['err_' + k]}" for k in kinds if r["err_" + k]]
-        return "0" if not parts else f"{sum(r['err_' + k] for k in kinds)} ({', '.join(parts)})"
+        return "" if self.result is None else errors_total([self.result])
 
 
 def measure_target(
@@ -505,6 +545,7 @@ def measure_target(
     cpu_pid: int | None,
     workloads: list[str],
     args: argparse.Namespace,
+    run: int,
 ) -> list[Row]:
     rows = []
     for name in workloads:
@@ -514,7 +555,9 @@ def measure_target(
         cpu0 = tree_cpu(cpu_pid) if cpu_pid else {}
         result = run_wrk(tools.wrk, server.port, body, args.duration, args)
         cpu = cpu_delta(cpu0, tree_cpu(cpu_pid)) if cpu_pid else None
-        rows.append(Row(name, target, result, cpu, root=cpu_pid))
+        rows.append(Row(name, target, result, cpu, root=cpu_pid, run=run))
+        last = rows[-1]
+        log(f"    {fmt(last.rps, 1)} req/s, p99 {fmt(last.p99_ms)} ms, errors {last.errors}")
         if server.proc.poll() is not None:
             raise RuntimeError(f"{target} exited during {name}:\n{server.log_text()[-3000:]}")
     return rows
@@ -821,8 +864,31 @@ def fmt(v: float | None, digits: int = 2) -> str:
     return "n/a" if v is None else f"{v:.{digits}f}"
 
 
-def ratio(a: float | None, b: float | None) -> str:
-    return "n/a" if a is None or b is None or b == 0 else f"{a / b:.3f}"
+def median(values: Iterable[float | None]) -> float | None:
+    """Median of the values that were measured (None: not measured in that run)."""
+    measured = [v for v in values if v is not None]
+    return statistics.median(measured) if measured else None
+
+
+def ratio_value(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def with_runs(values: list[float | None], digits: int = 3) -> str:
+    """'0.432 (0.411, 0.432, 0.450)': the median, then every run's value in run order."""
+    m = median(values)
+    if m is None:
+        return "n/a"
+    if len(values) == 1:
+        return fmt(m, digits)
+    return f"{fmt(m, digits)} ({', '.join(fmt(v, digits) for v in values)})"
+
+
+def errors_total(results: list[dict]) -> str:
+    """wrk's error counts summed over results: '0' or '12 (status 10, timeout 2)'."""
+    totals = {k: sum(r["err_" + k] for r in results) for k in ERROR_KINDS}
+    parts = [f"{k} {c}" for k, c in totals.items() if c]
+    return "0" if not parts else f"{sum(totals.values())} ({', '.join(parts)})"
 
 
 def distinct_log_lines(paths: list[Path], limit: int = 15) -> list[str]:
@@ -842,6 +908,7 @@ def distinct_log_lines(paths: list[Path], limit: int = 15) -> list[str]:
 def print_report(ctx: dict) -> None:
     args, tools = ctx["args"], ctx["tools"]
     n = args.workers
+    runs = list(range(1, args.runs + 1))
     v = tools.versions
     out = []
     out.append("# sigproxy vs Envoy (aws_request_signing), native load generator")
@@ -861,109 +928,210 @@ def print_report(ctx: dict) -> None:
         f"--timeout {WRK_TIMEOUT_S}s, {args.warmup} s warm-up (not counted) then "
         f"{args.duration} s measured per row; upstream nginx with 1 worker; N = {n}"
     )
+    out.append(
+        f"- runs: {args.runs}; each run takes the targets in the table's order, starts each "
+        f"proxy afresh and measures it on every workload once (then its open-loop row, if "
+        f"it has one); figures are medians over the runs (with an even number of runs, the "
+        f"mean of the middle two), ratios the median of the ratios within each run"
+    )
     for note in tools.notes:
         out.append(f"- {note}")
     if tools.envoy_skip:
         out.append(f"- Envoy rows skipped: {tools.envoy_skip}")
-    for line in ctx["checks"]:
+    checks: dict[str, list[tuple[int, str | None]]] = {}
+    for run_no, name, problem in ctx["checks"]:
+        checks.setdefault(name, []).append((run_no, problem))
+    for name, outcomes in checks.items():
+        failed = [(run_no, problem) for run_no, problem in outcomes if problem]
+        line = f"{name}: OK in {len(outcomes) - len(failed)} of {args.runs} runs"
+        line += "".join(f"; FAILED in run {run_no}: {problem}" for run_no, problem in failed)
         out.append(f"- signing check: {line}")
+
+    groups: dict[tuple[str, str], list[Row]] = {}
+    for row in ctx["rows"]:
+        groups.setdefault((row.workload, row.target), []).append(row)
+    by_run = {(r.workload, r.target, r.run): r for r in ctx["rows"] if r.result}
     out.append("")
     out.append(
-        "| workload | target | requests | req/s | p50 ms | p99 ms | errors | proxy CPU s / 1k req |"
+        f"Medians over {args.runs} runs; requests and errors are totals over the runs, "
+        f"req/s range the lowest and the highest run"
     )
-    out.append("|---|---|---:|---:|---:|---:|---|---:|")
-    for row in ctx["rows"]:
-        if row.skipped:
-            out.append(f"| {row.workload} | {row.target} | skipped: {row.skipped} |||||||")
+    out.append("")
+    out.append(
+        "| workload | target | runs | requests | req/s | req/s range | p50 ms | p99 ms | "
+        "errors | proxy CPU s / 1k req |"
+    )
+    out.append("|---|---|---:|---:|---:|---:|---:|---:|---|---:|")
+    for (wl, target), rows in groups.items():
+        done = [r for r in rows if r.result and r.rps is not None]
+        if not done:
+            why = next((r.skipped for r in rows if r.skipped), None) or "failed (see problems)"
+            out.append(f"| {wl} | {target} | skipped: {why} ||||||||")
             continue
-        r = row.result
-        cpu = "-" if row.cpu_s is None else f"{row.cpu_s / max(r['requests'], 1) * 1000:.3f}"
+        rps = [r.rps for r in done if r.rps is not None]
+        cpu_med = median(r.cpu_per_1k for r in done)
+        requests = sum(r.result["requests"] for r in done if r.result)
         out.append(
-            f"| {row.workload} | {row.target} | {r['requests']} | {row.rps:.1f} | "
-            f"{r['p50_us'] / 1000:.2f} | {r['p99_us'] / 1000:.2f} | {row.errors} | {cpu} |"
+            f"| {wl} | {target} | {len(done)} | {requests} | "
+            f"{fmt(median(rps), 1)} | {fmt(min(rps), 1)}-{fmt(max(rps), 1)} | "
+            f"{fmt(median(r.p50_ms for r in done))} | {fmt(median(r.p99_ms for r in done))} | "
+            f"{errors_total([r.result for r in done if r.result])} | "
+            f"{'-' if cpu_med is None else fmt(cpu_med, 3)} |"
         )
+    if args.runs > 1:
+        out.append("")
+        out.append("Per run, in run order (each target measured once per run):")
+        out.append("")
+        out.append("| workload | target | req/s | p99 ms | proxy CPU s / 1k req |")
+        out.append("|---|---|---:|---:|---:|")
+        for wl, target in groups:
+            cells = [by_run.get((wl, target, run_no)) for run_no in runs]
+            if not any(cells):
+                continue
+
+            def each(attr: str, digits: int, cells: list[Row | None] = cells) -> str:
+                values = [None if c is None else getattr(c, attr) for c in cells]
+                return ", ".join(fmt(x, digits) for x in values)
+
+            cpus = "-" if target.startswith("direct") else each("cpu_per_1k", 3)
+            out.append(f"| {wl} | {target} | {each('rps', 1)} | {each('p99_ms', 2)} | {cpus} |")
     splits = [r for r in ctx["rows"] if r.cpu_split]
     if splits:
         out.append("")
         out.append("CPU seconds per process of multi-process proxies during the measured runs:")
         out.append("")
-        out.extend(f"- {r.target}, {r.workload}: {r.cpu_split}" for r in splits)
+        out.extend(f"- {r.target}, {r.workload}, run {r.run}: {r.cpu_split}" for r in splits)
+
+    # sigproxy/Envoy ratios, computed within each run, then the median over the runs.
+    def run_ratios(wl: str, sig: str, env: str, attr: str) -> list[float | None]:
+        def value(target: str, run_no: int) -> float | None:
+            row = by_run.get((wl, target, run_no))
+            return None if row is None else getattr(row, attr)
+
+        return [ratio_value(value(sig, x), value(env, x)) for x in runs]
+
+    s1, sn = "sigproxy 1 worker", f"sigproxy {n} workers"
+    e1, en = "envoy concurrency 1", f"envoy concurrency {n}"
     out.append("")
-    out.append("sigproxy / Envoy (req/s: above 1 means sigproxy is faster; p99: below 1 does)")
+    out.append(
+        "sigproxy / Envoy, computed within each run: the median over the runs, then each "
+        "run's ratio in run order (req/s: above 1 means sigproxy is faster; p99: below 1 does)"
+    )
     out.append("")
     out.append(
         f"| workload | req/s 1 worker / conc. 1 | req/s {n} workers / conc. {n} | "
         f"p99 1 worker / conc. 1 | p99 {n} workers / conc. {n} |"
     )
     out.append("|---|---:|---:|---:|---:|")
-    by = {(r.workload, r.target): r for r in ctx["rows"] if r.result}
     for wl in ctx["workloads"]:
-        s1, sn = by.get((wl, "sigproxy 1 worker")), by.get((wl, f"sigproxy {n} workers"))
-        e1, en = by.get((wl, "envoy concurrency 1")), by.get((wl, f"envoy concurrency {n}"))
+        ratio_cells = [
+            with_runs(run_ratios(wl, s1, e1, "rps")),
+            with_runs(run_ratios(wl, sn, en, "rps")),
+            with_runs(run_ratios(wl, s1, e1, "p99_ms")),
+            with_runs(run_ratios(wl, sn, en, "p99_ms")),
+        ]
+        out.append(f"| {wl} | {' | '.join(ratio_cells)} |")
 
-        def get(row: Row | None, attr: str) -> float | None:
-            return None if row is None else getattr(row, attr)
-
-        out.append(
-            f"| {wl} | {ratio(get(s1, 'rps'), get(e1, 'rps'))} | "
-            f"{ratio(get(sn, 'rps'), get(en, 'rps'))} | "
-            f"{ratio(get(s1, 'p99_ms'), get(e1, 'p99_ms'))} | "
-            f"{ratio(get(sn, 'p99_ms'), get(en, 'p99_ms'))} |"
-        )
     out.append("")
     out.append(
         f"Fixed offered load: {FIXED_RATE} req/s of {FIXED_RATE_BODY} B POSTs, open loop, "
         f"latency from the scheduled send time; {args.warmup} s warm-up + {args.duration} s "
-        f"measured; tool: python asyncio open-loop generator in bench/native_bench.py "
-        f"(own process, {args.connections} keep-alive connections; wrk2 is not in Debian: "
-        f"{ctx['wrk2']})"
+        f"measured, once per run; tool: python asyncio open-loop generator in "
+        f"bench/native_bench.py (own process, {args.connections} keep-alive connections; "
+        f"wrk2 is not in Debian: {ctx['wrk2']}). Medians over the runs; scheduled, ok and "
+        f"errors are totals, max the highest run"
     )
     out.append("")
     out.append(
-        "| target | scheduled | ok | achieved req/s | p50 ms | p90 ms | p99 ms | p99.9 ms | "
-        "max ms | errors | send lag p99 ms | generator CPU share | proxy CPU s / 1k req |"
+        "| target | runs | scheduled | ok | achieved req/s | p50 ms | p90 ms | p99 ms | "
+        "p99 ms per run | p99.9 ms | max ms | errors | send lag p99 ms | "
+        "generator CPU share | proxy CPU s / 1k req |"
     )
-    out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|")
-    for target, r in ctx["open_loop"]:
-        if isinstance(r, str):
-            out.append(f"| {target} | skipped: {r} ||||||||||||")
+    out.append("|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|---:|---:|---:|")
+    open_loop: dict[str, list[tuple[int, dict[str, Any] | str]]] = {}
+    for run_no, target, ol in ctx["open_loop"]:
+        open_loop.setdefault(target, []).append((run_no, ol))
+    ol_by_run: dict[tuple[str, int], dict[str, Any]] = {
+        (t, run_no): ol for run_no, t, ol in ctx["open_loop"] if isinstance(ol, dict)
+    }
+    ol_errors: dict[str, int] = {}
+    for target, entries in open_loop.items():
+        results = [e for _, e in entries if isinstance(e, dict)]
+        if not results:
+            why = next((e for _, e in entries if isinstance(e, str)), "failed (see problems)")
+            out.append(f"| {target} | skipped: {why} ||||||||||||||")
             continue
-        errs = ", ".join(f"{k} {c}" for k, c in r["errors"].items()) or "0"
-        cpu = fmt(r.get("proxy_cpu_per_1k"), 3) if "proxy_cpu_per_1k" in r else "-"
+        errs: collections.Counter[str] = collections.Counter()
+        for r in results:
+            errs.update(r["errors"])
+        ol_errors[target] = sum(errs.values())
+        has_cpu = any("proxy_cpu_per_1k" in r for r in results)
+        ol_cpu = fmt(median(r.get("proxy_cpu_per_1k") for r in results), 3) if has_cpu else "-"
+        per_run = ", ".join(fmt((ol_by_run.get((target, x)) or {}).get("p99_ms")) for x in runs)
+        maxes = [r["max_ms"] for r in results if r["max_ms"] is not None]
+
+        def med(key: str, results: list[dict[str, Any]] = results) -> float | None:
+            return median(r[key] for r in results)
+
         out.append(
-            f"| {target} | {r['scheduled']} | {r['ok']} | {r['achieved_rps']} | "
-            f"{fmt(r['p50_ms'])} | {fmt(r['p90_ms'])} | {fmt(r['p99_ms'])} | "
-            f"{fmt(r['p999_ms'])} | {fmt(r['max_ms'])} | {errs} | "
-            f"{fmt(r['send_lag_p99_ms'])} | {r['generator_cpu_share']} | {cpu} |"
+            f"| {target} | {len(results)} | {sum(r['scheduled'] for r in results)} | "
+            f"{sum(r['ok'] for r in results)} | {fmt(med('achieved_rps'), 1)} | "
+            f"{fmt(med('p50_ms'))} | {fmt(med('p90_ms'))} | {fmt(med('p99_ms'))} | "
+            f"{per_run} | {fmt(med('p999_ms'))} | {fmt(max(maxes) if maxes else None)} | "
+            f"{', '.join(f'{k} {c}' for k, c in errs.items()) or '0'} | "
+            f"{fmt(med('send_lag_p99_ms'))} | {fmt(med('generator_cpu_share'), 3)} | {ol_cpu} |"
         )
+
+    def ol_p99(target: str, run_no: int) -> float | None:
+        r = ol_by_run.get((target, run_no))
+        return None if r is None else r["p99_ms"]
+
+    ol_ratios = [ratio_value(ol_p99(s1, x), ol_p99(e1, x)) for x in runs]
+    out.append("")
+    out.append(
+        f"Open-loop p99, sigproxy 1 worker / Envoy concurrency 1, within each run (below 1 "
+        f"means sigproxy is faster): {with_runs(ol_ratios)}"
+    )
     out.append("")
     out.append(
         f"Time to first byte of a streamed response (aiohttp upstream in its own process: "
         f"first chunk at once, then {STREAM_CHUNKS - 1} chunks {STREAM_INTERVAL_S * 1000:.0f}"
-        f" ms apart), median over {ctx['ttfb_n']} GETs on fresh connections (connect not timed)"
+        f" ms apart), median over {ctx['ttfb_n']} GETs on fresh connections (connect not "
+        f"timed), measured once after the runs"
     )
     out.append("")
     out.append("| target | TTFB median ms | TTFB max ms | last byte median ms | non-200 |")
     out.append("|---|---:|---:|---:|---:|")
-    for target, r in ctx["ttfb"]:
-        if isinstance(r, str):
-            out.append(f"| {target} | skipped: {r} ||||")
+    ttfb_ms: dict[str, float | None] = {}
+    for target, tt in ctx["ttfb"]:
+        if isinstance(tt, str):
+            out.append(f"| {target} | skipped: {tt} ||||")
             continue
+        ttfb_ms[target] = tt["ttfb_ms"]
         out.append(
-            f"| {target} | {fmt(r['ttfb_ms'], 3)} | {fmt(r['ttfb_max_ms'], 3)} | "
-            f"{fmt(r['total_ms'], 1)} | {r['bad']} |"
+            f"| {target} | {fmt(tt['ttfb_ms'], 3)} | {fmt(tt['ttfb_max_ms'], 3)} | "
+            f"{fmt(tt['total_ms'], 1)} | {tt['bad']} |"
         )
     out.append("")
     rss = ctx["rss"]
+    peak_kb: int | None = None
     if rss:
+        tree = rss.get("tree_after_kb") or {rss["pid"]: rss["after_kb"]}
+        peak_kb = max(tree.values())
         out.append(
             f"Peak RSS of a fresh sigproxy (1 worker, pid {rss['pid']}) while a "
             f"{BIG_BYTES >> 20} MiB response streams through it: VmHWM before "
             f"{rss['before_kb'] / 1024:.1f} MiB, after {rss['after_kb'] / 1024:.1f} MiB "
             f"(+{(rss['after_kb'] - rss['before_kb']) / 1024:.1f} MiB); VmRSS after "
             f"{rss['rss_after_kb'] / 1024:.1f} MiB; status {rss['status']}, "
-            f"{rss['body_bytes']} body bytes in {rss['seconds']:.3f} s"
+            f"{rss['body_bytes']} body bytes in {rss['seconds']:.3f} s; measured once"
         )
+        if len(tree) > 1:
+            out.append(
+                "(VmHWM after, per process of its tree: "
+                + ", ".join(f"pid {pid} {kb / 1024:.1f} MiB" for pid, kb in sorted(tree.items()))
+                + ")"
+            )
         if ctx.get("big_direct"):
             status, size, secs = ctx["big_direct"]
             out.append(
@@ -978,6 +1146,64 @@ def print_report(ctx: dict) -> None:
         out.extend(f"    {line}" for line in lines)
     for problem in ctx["problems"]:
         out.append(f"- problem: {problem}")
+
+    out.append("")
+    out.append(
+        f"Targets (the performance issue's; ratios are the medians of the per-run ratios "
+        f"above, over {args.runs} run(s)):"
+    )
+    out.append("")
+
+    def verdict(value: float | None, ok: bool, why: str = "not measured") -> str:
+        return f"n/a ({why})" if value is None else ("met" if ok else "missed")
+
+    wl = "POST 1 KiB"
+    if wl not in ctx["workloads"]:
+        out.append(f"- 1 KiB POST req/s: n/a ({wl} was not run)")
+    else:
+        r1 = median(run_ratios(wl, s1, e1, "rps"))
+        out.append(
+            f"- 1 KiB POST req/s, 1 worker: {fmt(r1, 3)}x Envoy concurrency 1 "
+            f"(target >= 0.40x): {verdict(r1, r1 is not None and r1 >= 0.40)}"
+        )
+        rn = median(run_ratios(wl, sn, en, "rps"))
+        if n == 2:
+            status = verdict(rn, rn is not None and rn >= 0.50)
+        else:
+            status = f"not assessed (the target is for 2; run with --workers 2), N = {n}"
+        out.append(
+            f"- 1 KiB POST req/s, {n} workers: {fmt(rn, 3)}x Envoy concurrency {n} "
+            f"(target >= 0.50x with 2 workers and 2 threads): {status}"
+        )
+    ro = median(ol_ratios)
+    caveat = ""
+    if ro is not None and (ol_errors.get(s1) or ol_errors.get(e1)):
+        caveat = (
+            f" (errors over the runs: sigproxy {ol_errors.get(s1, 0)}, "
+            f"Envoy {ol_errors.get(e1, 0)}; p99 is of the successful requests)"
+        )
+    out.append(
+        f"- p99 at a fixed offered load of {FIXED_RATE:,} req/s, 1 worker: {fmt(ro, 3)}x "
+        f"Envoy concurrency 1 (target <= 2x): {verdict(ro, ro is not None and ro <= 2)}" + caveat
+    )
+    t_sig, t_direct = ttfb_ms.get(s1), ttfb_ms.get("direct (aiohttp)")
+    delta = None if t_sig is None or t_direct is None else t_sig - t_direct
+    out.append(
+        f"- streamed response, first byte: sigproxy 1 worker {fmt(t_sig, 3)} ms, direct "
+        f"{fmt(t_direct, 3)} ms, difference {fmt(delta, 3)} ms (target <= 5 ms): "
+        f"{verdict(delta, delta is not None and delta <= 5)}"
+    )
+    peak_bytes = None if peak_kb is None else peak_kb * 1024
+    out.append(
+        f"- peak RSS per worker while a {BIG_BYTES >> 20} MiB response streams: VmHWM "
+        + (
+            "n/a"
+            if peak_kb is None or peak_bytes is None
+            else f"{peak_kb / 1024:.1f} MiB = {peak_bytes / 1e6:.1f} MB"
+        )
+        + f" (target <= 60 MB = {RSS_TARGET_BYTES:,} bytes): "
+        + verdict(peak_bytes, peak_bytes is not None and peak_bytes <= RSS_TARGET_BYTES)
+    )
     print("\n".join(out), flush=True)
 
 
@@ -1006,6 +1232,7 @@ def streaming(ctx: dict, runner: Runner, tools: Tools, args: argparse.Namespace)
             "pid": pid,
             "before_kb": before,
             "after_kb": proc_status_kb(pid, "VmHWM"),
+            "tree_after_kb": tree_hwm_kb(pid),
             "rss_after_kb": proc_status_kb(pid, "VmRSS"),
             "status": status,
             "body_bytes": received,
@@ -1059,11 +1286,12 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack, tmp: Path) -> dic
     }
     rows: list[Row] = ctx["rows"]
 
-    log(f"nginx upstream; workloads {workloads}; N = {n}")
+    log(f"nginx upstream; workloads {workloads}; N = {n}; {args.runs} run(s)")
     upstream = start_nginx(runner, tools)
     up = upstream.port
 
     def target(
+        run_no: int,
         name: str,
         start: Callable[[], Server] | None,
         skip: str | None,
@@ -1071,46 +1299,57 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack, tmp: Path) -> dic
         signed: bool = True,
     ) -> None:
         if skip or start is None:
-            rows.extend(Row(wl, name, skipped=skip) for wl in workloads)
+            rows.extend(Row(wl, name, skipped=skip, run=run_no) for wl in workloads)
             if open_loop:
-                ctx["open_loop"].append((name, skip))
+                ctx["open_loop"].append((run_no, name, skip))
             return
-        log(f"{name}: starting")
+        log(f"{name}: starting (run {run_no}/{args.runs})")
         server = start()
         try:
             problem = signing_check(server.port, up, signed)
-            ctx["checks"].append(f"{name}: {'OK' if problem is None else 'FAILED: ' + problem}")
+            ctx["checks"].append((run_no, name, problem))
             if problem:
-                ctx["problems"].append(f"{name} signing check failed: {problem}")
+                ctx["problems"].append(f"{name} signing check failed in run {run_no}: {problem}")
             cpu_pid = server.proc.pid if server is not upstream else None
-            rows.extend(measure_target(tools, name, server, cpu_pid, workloads, args))
+            rows.extend(measure_target(tools, name, server, cpu_pid, workloads, args, run_no))
             if open_loop:
                 log(f"  {name}: open loop at {FIXED_RATE} req/s")
-                ctx["open_loop"].append((name, run_open_loop(server.port, cpu_pid, args)))
+                result = run_open_loop(server.port, cpu_pid, args)
+                log(f"    p99 {fmt(result['p99_ms'])} ms, {result['ok']} ok")
+                ctx["open_loop"].append((run_no, name, result))
         except RuntimeError as exc:
-            ctx["problems"].append(f"{name}: {exc}")
+            ctx["problems"].append(f"{name}, run {run_no}: {exc}")
             log(f"{name}: {exc}")
         finally:
             if server is not upstream:
                 runner.stop(server)
 
-    target("direct (nginx)", lambda: upstream, None, open_loop=True, signed=False)
-    target("sigproxy 1 worker", lambda: start_sigproxy(runner, up, None), None, open_loop=True)
-    target(
-        f"sigproxy {n} workers",
-        lambda: start_sigproxy(runner, up, n),
-        None if has_workers else "sigproxy has no --workers yet",
-    )
     envoy_bin = tools.envoy or ""
-    target(
-        "envoy concurrency 1",
-        lambda: start_envoy(runner, envoy_bin, up, 1),
-        tools.envoy_skip,
-        open_loop=True,
-    )
-    target(
-        f"envoy concurrency {n}", lambda: start_envoy(runner, envoy_bin, up, n), tools.envoy_skip
-    )
+    no_workers = None if has_workers else "sigproxy has no --workers yet"
+    for run_no in range(1, args.runs + 1):
+        log(f"run {run_no}/{args.runs}")
+        target(run_no, "direct (nginx)", lambda: upstream, None, open_loop=True, signed=False)
+        target(
+            run_no,
+            "sigproxy 1 worker",
+            lambda: start_sigproxy(runner, up, None),
+            None,
+            open_loop=True,
+        )
+        target(run_no, f"sigproxy {n} workers", lambda: start_sigproxy(runner, up, n), no_workers)
+        target(
+            run_no,
+            "envoy concurrency 1",
+            lambda: start_envoy(runner, envoy_bin, up, 1),
+            tools.envoy_skip,
+            open_loop=True,
+        )
+        target(
+            run_no,
+            f"envoy concurrency {n}",
+            lambda: start_envoy(runner, envoy_bin, up, n),
+            tools.envoy_skip,
+        )
     runner.stop(upstream)
 
     log("streaming upstream: TTFB and peak RSS")
@@ -1153,14 +1392,29 @@ def main() -> None:
     )
     parser.add_argument("--ttfb-requests", type=int, help="requests per TTFB row (50; quick 20)")
     parser.add_argument(
-        "--quick", action="store_true", help="3 s rows, POST workloads only (about a minute)"
+        "--runs",
+        type=int,
+        default=3,
+        help="rounds (default 3, with --quick too): each round measures every target on "
+        "every workload once and repeats the 2,000 req/s open-loop rows; the tables show "
+        "medians over the rounds and the req/s range, each sigproxy/Envoy ratio is the "
+        "median of the ratios measured within each round (per-round values in brackets); "
+        "TTFB and peak RSS are measured once",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="3 s rows, POST workloads only (about a minute per run)",
     )
     args = parser.parse_args()
     args.duration = args.duration or (3 if args.quick else 10)
     args.warmup = args.warmup or (1 if args.quick else 2)
     args.ttfb_requests = args.ttfb_requests or (20 if args.quick else 50)
-    if min(args.duration, args.warmup, args.connections, args.wrk_threads, args.workers) < 1:
-        parser.error("durations, connections, threads and workers must be at least 1")
+    if (
+        min(args.duration, args.warmup, args.connections, args.wrk_threads, args.workers, args.runs)
+        < 1
+    ):
+        parser.error("durations, connections, threads, workers and runs must be at least 1")
 
     def on_signal(signum: int, _frame: object) -> None:
         raise SystemExit(128 + signum)
