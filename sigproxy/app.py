@@ -60,7 +60,8 @@ def make_runner(
 @contextlib.asynccontextmanager
 async def stop_signals() -> AsyncIterator[asyncio.Event]:
     """An event set by SIGTERM or SIGINT. The handlers stay installed until the block
-    ends, so a second signal can't kill requests that are still finishing."""
+    ends, so a second signal can't kill requests that are still finishing; after it,
+    SIGTERM is ignored while the process exits."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -70,6 +71,9 @@ async def stop_signals() -> AsyncIterator[asyncio.Event]:
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        # The process is on its way out with its status decided: a second SIGTERM (an
+        # impatient supervisor, `docker stop` retried) must not turn exit 0 into a kill.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 async def start_proxy(config: Config, credentials: CredentialStore) -> web.BaseRunner:
