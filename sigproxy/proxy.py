@@ -520,7 +520,9 @@ async def _refuse_rest_of_body(request: web.BaseRequest, resp: web.StreamRespons
 
 def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
     tokens: set[str] = set()
-    for value in headers.getall("Connection", ()):
+    if "Connection" not in headers:
+        return tokens
+    for value in headers.getall("Connection"):
         tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
     return tokens
 
