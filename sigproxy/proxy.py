@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDictProxy
 from yarl import URL
 
 from .canonical import normalize_path, normalize_query, split_target
@@ -333,7 +333,7 @@ class Proxy:
         request: web.BaseRequest,
         target: _Target,
         outgoing: str,
-        headers: CIMultiDict[str],
+        headers: list[tuple[str, str]],
         body: bytes,
         request_id: str,
     ) -> tuple[web.StreamResponse, int, int, float]:
@@ -345,7 +345,7 @@ class Proxy:
                 target.origin,
                 request.method,
                 outgoing,
-                list(headers.items()),
+                headers,
                 body,
                 connect_timeout=upstream.timeout.connect,
                 read_timeout=upstream.timeout.read,
@@ -529,7 +529,7 @@ def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
 
 def _forward_headers(
     request: web.BaseRequest, upstream: Upstream, request_id: str, strip: str | None = None
-) -> CIMultiDict[str]:
+) -> list[tuple[str, str]]:
     """The client's headers as they go upstream (before signing); ``strip`` names the
     inbound_auth header, which is the proxy's and never forwarded."""
     incoming = request.headers
@@ -537,7 +537,8 @@ def _forward_headers(
     if strip is not None:
         drop.add(strip.lower())
     signed = upstream.auth == "aws_iam"
-    out: CIMultiDict[str] = CIMultiDict()
+    # Every header the proxy sets below is in _REQUEST_DROP, so each appears once.
+    out = [("Host", upstream.host_header)]
     for name, value in incoming.items():
         lower = name.lower()
         if lower in _REQUEST_DROP or lower in drop:
@@ -548,18 +549,17 @@ def _forward_headers(
             continue
         if not value.isascii():
             _check_utf8(value, name)
-        out.add(name, value)
-    out["Host"] = upstream.host_header
+        out.append((name, value))
     peer = request.remote or ""
     prior = ", ".join(incoming.getall("X-Forwarded-For", ()))
     if peer:
-        out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+        out.append(("X-Forwarded-For", f"{prior}, {peer}" if prior else peer))
     elif prior:
-        out["X-Forwarded-For"] = prior
-    out["X-Forwarded-Proto"] = request.scheme
+        out.append(("X-Forwarded-For", prior))
+    out.append(("X-Forwarded-Proto", request.scheme))
     if request.host:
-        out["X-Forwarded-Host"] = request.host
-    out["X-Request-Id"] = request_id
+        out.append(("X-Forwarded-Host", request.host))
+    out.append(("X-Request-Id", request_id))
     return out
 
 

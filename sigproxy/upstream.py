@@ -65,13 +65,13 @@ class UpstreamResponse:
         self,
         client: UpstreamClient,
         origin: Origin,
-        protocol: ResponseHandler,
+        protocol: _Connection,
         message: RawResponseMessage,
         content: StreamReader,
     ) -> None:
         self._client = client
         self._origin = origin
-        self._protocol: ResponseHandler | None = protocol
+        self._protocol: _Connection | None = protocol
         self.status: int = message.code
         self.reason: str = message.reason
         self.headers: CIMultiDictProxy[str] = message.headers
@@ -92,12 +92,19 @@ class UpstreamResponse:
             _abort(protocol)
 
 
+class _Connection(ResponseHandler):
+    """aiohttp's response protocol, remembering the parser settings it was given: its
+    parser is kept from one response to the next while they stay the same."""
+
+    params: tuple[bool, float | None] | None = None
+
+
 class UpstreamClient:
     """One per proxy process: pools of idle connections by origin."""
 
     def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
         self._ssl = ssl_context if ssl_context is not None else ssl.create_default_context()
-        self._idle: dict[Origin, collections.deque[tuple[float, ResponseHandler]]] = {}
+        self._idle: dict[Origin, collections.deque[tuple[float, _Connection]]] = {}
         self._loop = asyncio.get_running_loop()
         self._closed = False
 
@@ -108,13 +115,13 @@ class UpstreamClient:
                 protocol.close()
         self._idle.clear()
 
-    def _put(self, origin: Origin, protocol: ResponseHandler) -> None:
+    def _put(self, origin: Origin, protocol: _Connection) -> None:
         if self._closed:
             protocol.close()
             return
         self._idle.setdefault(origin, collections.deque()).append((time.monotonic(), protocol))
 
-    def _take(self, origin: Origin) -> ResponseHandler | None:
+    def _take(self, origin: Origin) -> _Connection | None:
         pool = self._idle.get(origin)
         if not pool:
             return None
@@ -128,11 +135,11 @@ class UpstreamClient:
             protocol.close()
         return None
 
-    async def _connect(self, origin: Origin, connect_timeout: float | None) -> ResponseHandler:
+    async def _connect(self, origin: Origin, connect_timeout: float | None) -> _Connection:
         try:
             async with asyncio.timeout(connect_timeout):
                 _, protocol = await self._loop.create_connection(
-                    lambda: ResponseHandler(self._loop),
+                    lambda: _Connection(self._loop),
                     origin.host,
                     origin.port,
                     ssl=self._ssl if origin.tls else None,
@@ -175,19 +182,22 @@ class UpstreamClient:
     async def _exchange(
         self,
         origin: Origin,
-        protocol: ResponseHandler,
+        protocol: _Connection,
         method: str,
         head: bytes,
         body: bytes,
         read_timeout: float | None,
     ) -> UpstreamResponse:
         try:
-            protocol.set_response_params(
-                skip_payload=method == "HEAD",
-                read_until_eof=True,
-                auto_decompress=False,
-                read_timeout=read_timeout,
-            )
+            params = (method == "HEAD", read_timeout)
+            if protocol.params != params:
+                protocol.set_response_params(
+                    skip_payload=params[0],
+                    read_until_eof=True,
+                    auto_decompress=False,
+                    read_timeout=read_timeout,
+                )
+                protocol.params = params
             transport = protocol.transport
             if transport is None:
                 raise ServerDisconnectedError()

@@ -657,6 +657,53 @@ async def test_chunked_upstream_response_streams_whole_and_in_order(
     assert again.body == b"".join(chunks)
 
 
+async def test_one_connection_carries_responses_of_every_framing_in_turn(
+    upstream: FakeFunctionUrl, start_proxy: StartProxy
+) -> None:
+    """A kept-alive connection keeps its response parser between responses: chunked,
+    sized, empty, HEAD (which needs other parser settings) and sized again, in turn on
+    one connection, each arrive whole and framed as sent."""
+    ports: list[int] = []
+
+    async def answer(request: web.Request, rec: Recorded) -> web.StreamResponse:
+        ports.append(peer_port(request))
+        kind = rec.raw_target.strip("/").split("-")[0]
+        if kind == "chunked":
+            resp = web.StreamResponse(headers={"Content-Type": "text/plain"})
+            resp.enable_chunked_encoding()
+            await resp.prepare(request)
+            for part in (b"one,", b"two,", b"three"):
+                await resp.write(part)
+            await resp.write_eof()
+            return resp
+        if kind == "empty":
+            return web.Response(status=204)
+        if kind == "head":
+            return web.Response(headers={"Content-Length": "77"})
+        return web.Response(text=f"sized {rec.raw_target}")
+
+    upstream.answer = answer
+    proxy = await start_proxy(one_upstream(upstream.port))
+    for round_ in range(2):
+        resp = await raw_request(proxy.port, "GET", f"/chunked-{round_}")
+        assert (resp.status, resp.body) == (200, b"one,two,three")
+        assert resp.header("Transfer-Encoding") == "chunked"
+        resp = await raw_request(proxy.port, "GET", f"/sized-{round_}")
+        assert (resp.status, resp.body) == (200, f"sized /sized-{round_}".encode())
+        resp = await raw_request(proxy.port, "DELETE", f"/empty-{round_}")
+        assert (resp.status, resp.body) == (204, b"")
+        raw = await until_closed(
+            proxy.port,
+            f"HEAD /head-{round_} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode(),
+        )
+        status, headers, body = split(raw)
+        assert (status, headers["content-length"], body) == (200, "77", b"")
+        resp = await raw_request(proxy.port, "POST", f"/sized-again-{round_}", body=b"x")
+        assert (resp.status, resp.body) == (200, f"sized /sized-again-{round_}".encode())
+    assert len(ports) == 10
+    assert len(set(ports)) == 1, ports
+
+
 async def test_large_response_arrives_byte_identical(
     upstream: FakeFunctionUrl, start_proxy: StartProxy
 ) -> None:
