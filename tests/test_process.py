@@ -250,6 +250,23 @@ async def test_serve_signs_and_stops_on_sigterm(upstream: FakeFunctionUrl, tmp_p
     assert "Traceback" not in log
 
 
+async def test_serve_does_not_load_awscrt(upstream: FakeFunctionUrl, tmp_path: Path) -> None:
+    """botocore would import awscrt (installed here with the test extra) for features
+    sigproxy never uses; the command keeps it out of the worker's memory."""
+    import _awscrt  # type: ignore[import-not-found,unused-ignore]
+
+    extension = _awscrt.__file__  # the C library botocore would load
+    path = write(tmp_path, one_upstream(upstream.port))
+    async with serve_process(path) as served:
+        assert (await raw_request(served.port, "POST", "/x", body=b"{}")).status == 200
+        verify_sigv4(upstream.last, region="us-east-1")
+        with open(f"/proc/{served.proc.pid}/maps") as fh:
+            maps = fh.read()
+        assert "python" in maps  # the map is the interpreter's
+        assert extension not in maps, "awscrt's extension is mapped into the proxy process"
+        assert await served.stop() == 0
+
+
 async def test_sigterm_lets_a_request_in_flight_finish(
     upstream: FakeFunctionUrl, tmp_path: Path
 ) -> None:
