@@ -32,6 +32,8 @@ import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from .upstream import ConnectError
+
 
 class SigproxyError(Exception):
     """Base of every error sigproxy raises on purpose."""
@@ -168,7 +170,7 @@ def proxy_error_response(exc: ProxyError, request_id: str | None = None) -> web.
 def upstream_failure(exc: BaseException, upstream: str) -> ProxyError:
     """Translate an upstream client exception into what the client is told; ``kind`` is
     the bounded metric label (connect, tls, timeout, reset)."""
-    kind = getattr(exc, "kind", None)  # sigproxy.upstream.ConnectError
+    kind = exc.kind if isinstance(exc, ConnectError) else None
     if kind == "tls" or isinstance(exc, aiohttp.ClientSSLError):
         return UpstreamUnreachable(
             f"TLS handshake with upstream {upstream!r} failed", upstream=upstream, kind="tls"

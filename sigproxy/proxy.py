@@ -262,23 +262,21 @@ class Proxy:
                     },
                 )
 
-    async def expect(self, request: web.BaseRequest) -> web.StreamResponse | None:
-        """Answer ``Expect: 100-continue``. A body the route would refuse gets no
-        ``100 Continue``: the handler answers 413 at once and the client never sends it."""
-        if request.headers.get("Expect", "").lower() != "100-continue":
-            return None  # the handler answers 417
+    async def expect(self, request: web.BaseRequest) -> None:
+        """Answer ``Expect: 100-continue`` (the handler has checked that is what was
+        asked). A body the route would refuse gets no ``100 Continue``: the handler
+        answers 413 at once and the client never sends it."""
         length = request.content_length
         if length is not None:
             try:
                 match, _ = self._route(request, self.table)
             except ProxyError:
-                return None  # the handler answers 400, 403 or 404
+                return  # the handler answers 400, 403 or 404
             if length > match.upstream.max_body_bytes:
-                return None  # the handler answers 413
+                return  # the handler answers 413
         if request.version >= (1, 1):
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             request.writer.output_size = 0
-        return None
 
     def _target_of(self, request: web.BaseRequest) -> tuple[str, str]:
         raw_path, raw_query = split_target(request.raw_path)
@@ -355,12 +353,12 @@ class Proxy:
         try:
             upstream_time = time.perf_counter() - t0
             length = up.content_length
+            sized = length is not None and "Transfer-Encoding" not in up.headers
             whole = (
-                length is not None
+                sized
                 and request.method != "HEAD"
                 and up.status not in (204, 304)
                 and up.content.is_eof()
-                and "Transfer-Encoding" not in up.headers
             )
             response: web.StreamResponse
             if whole:
@@ -383,7 +381,7 @@ class Proxy:
                 except ConnectionError:
                     return response, CLIENT_GONE, 0, upstream_time
                 return response, up.status, len(response.body), upstream_time
-            if length is not None and "Transfer-Encoding" not in up.headers:
+            if sized:
                 response.content_length = length
             try:
                 await response.prepare(request)

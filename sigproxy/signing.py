@@ -218,14 +218,20 @@ class Signer(BaseSigner):
             self.region,
             self.service,
         )
-        out = [
-            ("Authorization", header),
-            ("X-Amz-Date", timestamp),
-            ("X-Amz-Content-SHA256", body_sha256),
-        ]
-        if token:
-            out.append(("X-Amz-Security-Token", token))
-        return out
+        return _signed_headers(header, timestamp, body_sha256, token)
+
+
+def _signed_headers(
+    authorization: str, timestamp: str, body_sha256: str, token: str | None
+) -> list[tuple[str, str]]:
+    out = [
+        ("Authorization", authorization),
+        ("X-Amz-Date", timestamp),
+        ("X-Amz-Content-SHA256", body_sha256),
+    ]
+    if token:
+        out.append(("X-Amz-Security-Token", token))
+    return out
 
 
 _SIGNED = "host;x-amz-content-sha256;x-amz-date"
@@ -263,14 +269,9 @@ class BotocoreSigner(BaseSigner):
         )
         _CachedKeySigV4Auth(credentials, self.service, self.region).add_auth(request)
         headers = request.headers
-        out = [
-            ("Authorization", headers["Authorization"]),
-            ("X-Amz-Date", headers["X-Amz-Date"]),
-            ("X-Amz-Content-SHA256", body_sha256),
-        ]
-        if credentials.token:
-            out.append(("X-Amz-Security-Token", credentials.token))
-        return out
+        return _signed_headers(
+            headers["Authorization"], headers["X-Amz-Date"], body_sha256, credentials.token
+        )
 
 
 SIGNER_CLASSES: dict[str, type[BaseSigner]] = {"builtin": Signer, "botocore": BotocoreSigner}

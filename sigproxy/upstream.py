@@ -28,7 +28,8 @@ from multidict import CIMultiDictProxy
 # fails. aiohttp's connector uses the same figure.
 KEEPALIVE_SECONDS = 15.0
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-# Methods sent with Content-Length: 0 when they carry no body, as aiohttp does.
+# Methods sent without Content-Length when they carry no body; the rest get
+# Content-Length: 0, as aiohttp does.
 _NO_LENGTH_WHEN_EMPTY = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "CONNECT", "DELETE"})
 _LARGE = 1 << 16
 
