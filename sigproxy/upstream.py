@@ -5,27 +5,30 @@ already in memory. ``aiohttp.ClientSession`` spends more CPU per request on its 
 machinery (URL objects, payload registry, cookie and redirect handling, tracing, timers)
 than the exchange itself costs. This module keeps aiohttp's own response protocol (its
 llhttp parser, payload streams, read timeouts and exceptions) and drops the rest: the
-request head is written as bytes and connections are pooled per origin.
+request head is written as bytes and connections are pooled per origin, up to a cap, with
+idle ones closed by a timer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import ssl
-import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import aiohttp
-from aiohttp.client_exceptions import ServerDisconnectedError
+from aiohttp.client_exceptions import ClientPayloadError, ServerDisconnectedError
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.http import RawResponseMessage
+from aiohttp.http_exceptions import BadHttpMessage
 from aiohttp.streams import StreamReader
 from multidict import CIMultiDictProxy
 
-# Idle connections older than this are closed rather than reused: servers drop idle
-# keep-alive connections after a while, and a request sent on one that is just closing
-# fails. aiohttp's connector uses the same figure.
+# The default for how long an idle connection is kept: servers drop idle keep-alive
+# connections after a while, and a request sent on one that is just closing fails.
+# aiohttp's connector uses the same figure.
 KEEPALIVE_SECONDS = 15.0
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # Methods sent without Content-Length when they carry no body; the rest get
@@ -36,11 +39,15 @@ _LARGE = 1 << 16
 
 @dataclass(frozen=True, slots=True)
 class Origin:
-    """Where an upstream's connections go."""
+    """Where an upstream's connections go, and how many may be open (in use and idle) and
+    for how long an idle one is kept. Each distinct Origin has its own pool."""
 
     scheme: str
     host: str
     port: int
+    name: str = ""
+    max_connections: int = 1024
+    idle_timeout: float = KEEPALIVE_SECONDS
 
     @property
     def tls(self) -> bool:
@@ -55,23 +62,30 @@ class ConnectError(Exception):
         self.kind = kind
 
 
+class PoolBusy(Exception):
+    """Every connection the origin may have is taken; ``why`` is ``queue_full`` (as many
+    requests are already waiting for one as it may have) or ``wait_timeout`` (none came
+    free within the request's connect timeout)."""
+
+    def __init__(self, origin: Origin, why: str) -> None:
+        super().__init__(
+            f"{why}: all {origin.max_connections} connections to {origin.host}:{origin.port}"
+            " are in use"
+        )
+        self.origin = origin
+        self.why = why
+
+
 class UpstreamResponse:
     """A response whose head has arrived; the body is read from :attr:`content`.
     :meth:`release` must be called: it pools the connection if the body was read to the
     end and the connection may be kept, and closes it otherwise."""
 
-    __slots__ = ("_client", "_origin", "_protocol", "content", "headers", "reason", "status")
+    __slots__ = ("_protocol", "content", "headers", "reason", "status")
 
     def __init__(
-        self,
-        client: UpstreamClient,
-        origin: Origin,
-        protocol: _Connection,
-        message: RawResponseMessage,
-        content: StreamReader,
+        self, protocol: _Connection, message: RawResponseMessage, content: StreamReader
     ) -> None:
-        self._client = client
-        self._origin = origin
         self._protocol: _Connection | None = protocol
         self.status: int = message.code
         self.reason: str = message.reason
@@ -87,56 +101,203 @@ class UpstreamResponse:
         protocol, self._protocol = self._protocol, None
         if protocol is None:
             return
-        if self.content.is_eof() and not protocol.should_close and protocol.is_connected():
-            self._client._put(self._origin, protocol)
+        pool = protocol.pool
+        if pool is not None and self.content.is_eof() and protocol.reusable():
+            pool.put(protocol)
         else:
-            _abort(protocol)
+            protocol.discard()
 
 
 class _Connection(ResponseHandler):
-    """aiohttp's response protocol, remembering the parser settings it was given: its
-    parser is kept from one response to the next while they stay the same."""
+    """aiohttp's response protocol, plus what the pool knows of it: the slot it holds, when
+    it was pooled, whether a request is outstanding, and the parser settings it was given
+    (its parser is kept from one response to the next while they stay the same)."""
 
     params: tuple[bool, float | None] | None = None
+    pool: _Pool | None = None  # whose slot it holds; None once it is closed
+    idle_since = 0.0
+    # No request outstanding: whatever arrives now answers nothing that will be asked.
+    quiet = False
+    body: StreamReader | None = None  # the last response's
+
+    def reusable(self) -> bool:
+        if not self.is_connected() or self.should_close:
+            return False
+        # Bytes that came after the response may have begun another message inside the
+        # parser, which should_close does not see: feed_eof() returns that message (or
+        # raises on it), and is a no-op between messages.
+        parser = self._parser
+        try:
+            return parser is not None and parser.feed_eof() is None
+        except Exception:
+            return False
+
+    def data_received(self, data: bytes) -> None:
+        if self.quiet and data:
+            # Parsed, they would be taken for the answer to the next request.
+            self.discard()
+            return
+        super().data_received(data)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        body = self.body
+        if exc is not None and body is not None and not body.is_eof():
+            # aiohttp ends a body read until close on any close; a reset one is cut
+            # short, not whole. (A sized or chunked one also gets aiohttp's own error.)
+            body.set_exception(ClientPayloadError(f"response body cut short: {exc!r}"), exc)
+        self._free()
+        super().connection_lost(exc)
+
+    def close(self) -> None:
+        super().close()
+        self._free()
+
+    def discard(self) -> None:
+        # Closed without waiting to flush: the connection is in an unknown state.
+        transport = self.transport
+        if transport is not None:
+            transport.abort()
+        self._free()
+
+    def _free(self) -> None:
+        pool = self.pool
+        if pool is not None:
+            self.pool = None
+            pool.free_slot()
+
+
+class _Pool:
+    """One origin's connections: the idle ones (oldest first), how many are open (in
+    use, idle or connecting) against its cap, and the requests waiting for one. A retired
+    pool (its origin is gone from the config) keeps none idle."""
+
+    __slots__ = (
+        "idle",
+        "idle_timeout",
+        "limit",
+        "loop",
+        "open",
+        "origin",
+        "retired",
+        "timer",
+        "waiters",
+    )
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, origin: Origin, retired: bool) -> None:
+        self.loop = loop
+        self.origin = origin
+        self.limit = origin.max_connections
+        self.idle_timeout = origin.idle_timeout
+        self.open = 0
+        self.idle: collections.deque[_Connection] = collections.deque()
+        # Each is given a connection, or None for a free slot to connect with.
+        self.waiters: collections.deque[asyncio.Future[_Connection | None]] = collections.deque()
+        self.timer: asyncio.TimerHandle | None = None
+        self.retired = retired
+
+    def take(self) -> _Connection | None:
+        idle = self.idle
+        while idle:
+            protocol = idle.pop()  # the most recently used: its socket is warm
+            if protocol.is_connected() and not protocol.should_close:
+                return protocol
+            protocol.discard()
+        return None
+
+    def put(self, protocol: _Connection) -> None:
+        protocol.quiet = True
+        waiters = self.waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(protocol)
+                return
+        if self.retired:
+            protocol.close()
+            return
+        now = self.loop.time()
+        protocol.idle_since = now
+        self.idle.append(protocol)
+        if self.timer is None:
+            self.timer = self.loop.call_at(now + self.idle_timeout, self._expire)
+
+    def free_slot(self) -> None:
+        waiters = self.waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self.open -= 1
+
+    async def wait(self, deadline: float | None) -> _Connection | None:
+        """Queue for the next connection released or slot freed, until ``deadline``."""
+        if len(self.waiters) >= self.limit:
+            raise PoolBusy(self.origin, "queue_full")
+        waiter: asyncio.Future[_Connection | None] = self.loop.create_future()
+        self.waiters.append(waiter)
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await waiter
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled():
+                # Given a connection or a slot just as the wait ended: pass it on.
+                got = waiter.result()
+                if got is None:
+                    self.free_slot()
+                else:
+                    self.put(got)
+            else:
+                waiter.cancel()
+                with contextlib.suppress(ValueError):  # popped by put() or free_slot()
+                    self.waiters.remove(waiter)
+            if isinstance(exc, TimeoutError):
+                raise PoolBusy(self.origin, "wait_timeout") from None
+            raise
+
+    def retire(self) -> None:
+        self.retired = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        idle, self.idle = self.idle, collections.deque()
+        for protocol in idle:
+            protocol.close()
+
+    def _expire(self) -> None:
+        self.timer = None
+        idle = self.idle
+        now = self.loop.time()
+        while idle and idle[0].idle_since + self.idle_timeout <= now:
+            idle.popleft().close()
+        if idle:
+            self.timer = self.loop.call_at(idle[0].idle_since + self.idle_timeout, self._expire)
 
 
 class UpstreamClient:
-    """One per proxy process: pools of idle connections by origin."""
+    """One per proxy process: a pool of connections per origin."""
 
     def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
         self._ssl = ssl_context if ssl_context is not None else ssl.create_default_context()
-        self._idle: dict[Origin, collections.deque[tuple[float, _Connection]]] = {}
+        self._pools: dict[Origin, _Pool] = {}
         self._loop = asyncio.get_running_loop()
         self._closed = False
 
     async def close(self) -> None:
         self._closed = True
-        for pool in self._idle.values():
-            for _, protocol in pool:
-                protocol.close()
-        self._idle.clear()
+        self.retain(())
 
-    def _put(self, origin: Origin, protocol: _Connection) -> None:
-        if self._closed:
-            protocol.close()
-            return
-        self._idle.setdefault(origin, collections.deque()).append((time.monotonic(), protocol))
+    def retain(self, origins: Iterable[Origin]) -> None:
+        """Drop the pools of every origin not in ``origins``: their idle connections are
+        closed now, those in use when released. Requests waiting on them still get one."""
+        keep = set(origins)
+        for origin in [origin for origin in self._pools if origin not in keep]:
+            self._pools.pop(origin).retire()
 
-    def _take(self, origin: Origin) -> _Connection | None:
-        pool = self._idle.get(origin)
-        if not pool:
-            return None
-        stale = time.monotonic() - KEEPALIVE_SECONDS
-        while pool and pool[0][0] < stale:  # the oldest are at the left
-            pool.popleft()[1].close()
-        while pool:
-            _, protocol = pool.pop()  # the most recently used: its socket is warm
-            if protocol.is_connected() and not protocol.should_close:
-                return protocol
-            protocol.close()
-        return None
-
-    async def _connect(self, origin: Origin, connect_timeout: float | None) -> _Connection:
+    async def _connect(self, pool: _Pool, connect_timeout: float | None) -> _Connection:
+        """A new connection on a slot the caller holds in ``pool``; the slot is freed if
+        there is none."""
+        origin = pool.origin
         try:
             async with asyncio.timeout(connect_timeout):
                 _, protocol = await self._loop.create_connection(
@@ -146,13 +307,32 @@ class UpstreamClient:
                     ssl=self._ssl if origin.tls else None,
                     server_hostname=origin.host if origin.tls else None,
                 )
-        except TimeoutError as exc:
-            raise ConnectError(origin, "timeout", exc) from exc
-        except ssl.SSLError as exc:  # also certificate verification
-            raise ConnectError(origin, "tls", exc) from exc
-        except OSError as exc:
-            raise ConnectError(origin, "connect", exc) from exc
+        except BaseException as exc:
+            pool.free_slot()
+            if isinstance(exc, TimeoutError):
+                raise ConnectError(origin, "timeout", exc) from exc
+            if isinstance(exc, ssl.SSLError):  # also certificate verification
+                raise ConnectError(origin, "tls", exc) from exc
+            if isinstance(exc, OSError):
+                raise ConnectError(origin, "connect", exc) from exc
+            raise
+        protocol.pool = pool
         return protocol
+
+    async def _acquire(self, pool: _Pool, connect_timeout: float | None) -> _Connection:
+        """For a request that found no idle connection: a new one while the pool is under
+        its cap, else the first one released (or slot freed) while it waits."""
+        deadline = None if connect_timeout is None else self._loop.time() + connect_timeout
+        while True:
+            if pool.open < pool.limit:
+                pool.open += 1
+                return await self._connect(pool, connect_timeout)
+            got = await pool.wait(deadline)
+            if got is None:
+                return await self._connect(pool, connect_timeout)
+            if got.is_connected() and not got.should_close:
+                return got
+            got.discard()
 
     async def request(
         self,
@@ -166,23 +346,28 @@ class UpstreamClient:
         read_timeout: float | None,
     ) -> UpstreamResponse:
         """Send the request and wait for the response head. Raises aiohttp's client
-        exceptions (and ``TimeoutError`` for a read timeout), like ClientSession."""
+        exceptions (and ``TimeoutError`` for a read timeout), like ClientSession, and
+        :class:`PoolBusy` when the origin's connections stay taken."""
         head = _head(method, target, headers, body)
-        protocol = self._take(origin)
-        if protocol is not None:
+        pool = self._pools.get(origin)
+        if pool is None:
+            pool = self._pools[origin] = _Pool(self._loop, origin, self._closed)
+        protocol = pool.take()
+        if protocol is None:
+            protocol = await self._acquire(pool, connect_timeout)
+        if protocol.params is not None:  # it has carried a response: it may have died idle
             try:
-                return await self._exchange(origin, protocol, method, head, body, read_timeout)
+                return await self._exchange(protocol, method, head, body, read_timeout)
             except (ServerDisconnectedError, aiohttp.ClientOSError):
                 # The server closed a pooled connection as the request went out. Only a
                 # request that is safe to repeat is sent again, on a new connection.
                 if method not in _IDEMPOTENT:
                     raise
-        protocol = await self._connect(origin, connect_timeout)
-        return await self._exchange(origin, protocol, method, head, body, read_timeout)
+            protocol = await self._acquire(pool, connect_timeout)
+        return await self._exchange(protocol, method, head, body, read_timeout)
 
     async def _exchange(
         self,
-        origin: Origin,
         protocol: _Connection,
         method: str,
         head: bytes,
@@ -202,6 +387,7 @@ class UpstreamClient:
             transport = protocol.transport
             if transport is None:
                 raise ServerDisconnectedError()
+            protocol.quiet = False
             if len(body) <= _LARGE:
                 transport.write(head + body)
             else:
@@ -210,21 +396,17 @@ class UpstreamClient:
             protocol.start_timeout()
             while True:
                 message, payload = await protocol.read()
-                # Interim responses (100 Continue, 103 Early Hints) are not passed on.
-                if not 100 <= message.code < 200 or message.code == 101:
+                if not 100 <= message.code < 200:
                     break
+                if message.code == 101:
+                    # sigproxy never asks to switch: what follows is not HTTP.
+                    raise BadHttpMessage("unsolicited 101 Switching Protocols")
+                # Interim responses (100 Continue, 103 Early Hints) are not passed on.
+            protocol.body = payload
         except BaseException:
-            _abort(protocol)
+            protocol.discard()
             raise
-        return UpstreamResponse(self, origin, protocol, message, payload)
-
-
-def _abort(protocol: ResponseHandler) -> None:
-    # Closed without waiting to flush: the connection is in an unknown state.
-    # (ResponseHandler.abort() only exists in newer aiohttp releases.)
-    transport = protocol.transport
-    if transport is not None:
-        transport.abort()
+        return UpstreamResponse(protocol, message, payload)
 
 
 def _head(method: str, target: str, headers: list[tuple[str, str]], body: bytes) -> bytes:

@@ -2,11 +2,14 @@
 
 Covers: HTTPS upstreams (a trustme CA trusted through ``SSL_CERT_FILE``; an untrusted CA
 and a wrong host name answered as 502 ``kind: tls``), keep-alive reuse and pooling of
-upstream connections (sequential, concurrent, idle ones past ``KEEPALIVE_SECONDS``),
+upstream connections (sequential, concurrent, idle ones past ``timeout.idle``),
 upstreams that close their keep-alive connections, the retry rule (one retry on a new
 connection only for an idempotent request whose pooled connection died), the response
 framing the proxy sends back (whole ``web.Response`` vs streamed), and the request-head
-builder ``_head``. Every upstream is a real server on 127.0.0.1; nothing is mocked.
+builder ``_head``; then, on ``UpstreamClient`` directly, the pools (the per-upstream cap,
+its queue and ``PoolBusy``, slots never lost, idle expiry by timer, ``retain``), bytes no
+request asked for, close-delimited bodies cut by a reset, and an unsolicited 101. Every
+upstream is a real server on 127.0.0.1; nothing is mocked.
 Connect failures and read timeouts on a fresh connection are in test_forwarding.py.
 """
 
@@ -17,19 +20,30 @@ import contextlib
 import hashlib
 import json
 import os
+import socket
 import ssl
+import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
 import trustme
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError
 from aiohttp.test_utils import TestServer
 
-import sigproxy.upstream
-from sigproxy.upstream import _head
+from sigproxy.upstream import (
+    ConnectError,
+    Origin,
+    PoolBusy,
+    UpstreamClient,
+    UpstreamResponse,
+    _head,
+)
 
 from .conftest import RunningProxy, StartProxy, one_upstream
 from .support import FakeFunctionUrl, RawResponse, Recorded, raw_request, verify_sigv4
@@ -395,12 +409,11 @@ async def test_concurrent_requests_open_connections_that_are_pooled_after(
 
 
 async def test_idle_connections_past_the_keepalive_limit_are_not_reused(
-    upstream: FakeFunctionUrl, start_proxy: StartProxy, monkeypatch: pytest.MonkeyPatch
+    upstream: FakeFunctionUrl, start_proxy: StartProxy
 ) -> None:
-    monkeypatch.setattr(sigproxy.upstream, "KEEPALIVE_SECONDS", 0.2)
     log = PortLog()
     upstream.answer = log.answer
-    proxy = await start_proxy(one_upstream(upstream.port))
+    proxy = await start_proxy(one_upstream(upstream.port, timeout="{idle: 0.2}"))
     assert (await raw_request(proxy.port, "GET", "/1")).status == 200
     assert (await raw_request(proxy.port, "GET", "/2")).status == 200
     await asyncio.sleep(0.3)
@@ -594,7 +607,7 @@ async def test_head_answer_keeps_the_upstream_content_length_and_has_no_body(
     async with scripted_upstream(script) as up:
         proxy = await start_proxy(one_upstream(up.port))
         raw = await until_closed(
-            proxy.port, b"HEAD /file HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            proxy.port, b"HEAD /file HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
         )
         status, headers, body = split(raw)
         assert status == 200
@@ -619,7 +632,7 @@ async def test_not_modified_has_no_body(upstream: FakeFunctionUrl, start_proxy: 
     proxy = await start_proxy(one_upstream(upstream.port))
     raw = await until_closed(
         proxy.port,
-        b'GET /doc HTTP/1.1\r\nHost: x\r\nIf-None-Match: "v7"\r\nConnection: close\r\n\r\n',
+        b'GET /doc HTTP/1.1\r\nHost: localhost\r\nIf-None-Match: "v7"\r\nConnection: close\r\n\r\n',
     )
     status, headers, body = split(raw)
     assert status == 304
@@ -694,7 +707,7 @@ async def test_one_connection_carries_responses_of_every_framing_in_turn(
         assert (resp.status, resp.body) == (204, b"")
         raw = await until_closed(
             proxy.port,
-            f"HEAD /head-{round_} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode(),
+            f"HEAD /head-{round_} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode(),
         )
         status, headers, body = split(raw)
         assert (status, headers["content-length"], body) == (200, "77", b"")
@@ -787,3 +800,602 @@ def test_head_content_length_rule(method: str, body: bytes, length: str | None) 
 def test_head_refuses_cr_and_lf(target: str, headers: list[tuple[str, str]]) -> None:
     with pytest.raises(ValueError, match="newline or carriage return"):
         _head("GET", target, headers, b"")
+
+
+# ------------------------------------ pools: cap, idle timer, retain, stale bytes, framing
+#
+# UpstreamClient driven directly against raw loopback servers: connections capped per
+# Origin (a queue of waiters, PoolBusy), no slot lost on any path, idle connections closed
+# by a timer, pools dropped by retain(), bytes no request asked for never delivered,
+# close-delimited bodies cut by a reset, and an unsolicited 101. Every wait is bounded.
+
+
+@dataclass
+class RawUpstream:
+    """A raw loopback server running ``handle(up, conn, reader, writer)`` for each
+    connection (numbered from 0). ``targets`` holds (connection, target) of each request;
+    ``closed`` the loop time at which a connection's client side was seen closing."""
+
+    port: int = 0
+    connections: int = 0
+    targets: list[tuple[int, str]] = field(default_factory=list)
+    closed: dict[int, float] = field(default_factory=dict)
+
+    async def next_target(self, conn: int, reader: asyncio.StreamReader) -> str | None:
+        """The next request's target (these requests have no body); None, noted in
+        ``closed``, once the client closes the connection."""
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            self.closed[conn] = asyncio.get_running_loop().time()
+            return None
+        target = head.split(b" ", 2)[1].decode()
+        self.targets.append((conn, target))
+        return target
+
+    async def wait_closed(self, conn: int) -> float:
+        """When the client closed connection ``conn`` (waiting at most 3 s for it)."""
+        async with asyncio.timeout(3):
+            while conn not in self.closed:
+                await asyncio.sleep(0.005)
+        return self.closed[conn]
+
+
+Handle = Callable[[RawUpstream, int, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def raw_upstream(handle: Handle) -> AsyncIterator[RawUpstream]:
+    up = RawUpstream()
+    tasks: list[asyncio.Task[None]] = []
+    writers: list[asyncio.StreamWriter] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        tasks.append(task)
+        writers.append(writer)
+        conn = up.connections
+        up.connections += 1
+        try:
+            await handle(up, conn, reader, writer)
+        except (ConnectionError, asyncio.CancelledError):
+            pass  # cancelled: a handler left waiting by a failed test
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    up.port = server.sockets[0].getsockname()[1]
+    try:
+        yield up
+    finally:
+        server.close()
+        for writer in writers:
+            writer.close()
+        await asyncio.sleep(0.01)
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
+        await server.wait_closed()
+
+
+def sized(text: str) -> bytes:
+    body = text.encode()
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+
+
+def reset(writer: asyncio.StreamWriter) -> None:
+    """Close with an RST (SO_LINGER 0), not a FIN."""
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+async def answer_all(
+    up: RawUpstream, conn: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """Answer every request at once with ``<connection> <target>``."""
+    while (target := await up.next_target(conn, reader)) is not None:
+        writer.write(sized(f"{conn} {target}"))
+
+
+def gated(gates: dict[str, asyncio.Event]) -> Handle:
+    """Like answer_all, but a request whose target has a gate is answered once it is set."""
+
+    async def handle(
+        up: RawUpstream, conn: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        while (target := await up.next_target(conn, reader)) is not None:
+            if target in gates:
+                await gates[target].wait()
+            writer.write(sized(f"{conn} {target}"))
+
+    return handle
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[UpstreamClient]:
+    upstream_client = UpstreamClient()
+    yield upstream_client
+    await upstream_client.close()
+
+
+def origin_of(up: RawUpstream, **settings: Any) -> Origin:
+    return Origin("http", "127.0.0.1", up.port, **settings)
+
+
+async def send(
+    client: UpstreamClient,
+    origin: Origin,
+    target: str,
+    *,
+    connect_timeout: float = 5.0,
+    read_timeout: float = 5.0,
+) -> UpstreamResponse:
+    return await client.request(
+        origin,
+        "GET",
+        target,
+        [("Host", "upstream.test")],
+        b"",
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+    )
+
+
+async def fetch(client: UpstreamClient, origin: Origin, target: str) -> str:
+    """GET ``target``: the whole body as text; the response is released."""
+    resp = await send(client, origin, target)
+    try:
+        assert resp.status == 200
+        return (await asyncio.wait_for(resp.content.read(), 5)).decode()
+    finally:
+        resp.release()
+
+
+async def until(predicate: Callable[[], bool]) -> None:
+    async with asyncio.timeout(3):
+        while not predicate():
+            await asyncio.sleep(0.005)
+
+
+def pool_of(client: UpstreamClient, origin: Origin) -> Any:
+    return client._pools[origin]
+
+
+def waiting(client: UpstreamClient, origin: Origin) -> int:
+    return len(pool_of(client, origin).waiters)
+
+
+def assert_settled(client: UpstreamClient, origin: Origin) -> None:
+    """Nothing in use or waiting: the pool counts exactly its open idle connections."""
+    pool = pool_of(client, origin)
+    assert not pool.waiters
+    assert pool.open == sum(c.is_connected() for c in pool.idle), (pool.open, pool.idle)
+
+
+async def test_pool_cap_queues_requests_and_hands_released_connections_over_in_order(
+    client: UpstreamClient,
+) -> None:
+    gates = {"/a": asyncio.Event(), "/b": asyncio.Event()}
+    async with raw_upstream(gated(gates)) as up:
+        origin = origin_of(up, name="fn", max_connections=2)
+        a = asyncio.create_task(send(client, origin, "/a"))
+        b = asyncio.create_task(send(client, origin, "/b"))
+        await until(lambda: len(up.targets) == 2)
+        third = asyncio.create_task(fetch(client, origin, "/third"))
+        await until(lambda: waiting(client, origin) == 1)
+        fourth = asyncio.create_task(fetch(client, origin, "/fourth"))
+        await until(lambda: waiting(client, origin) == 2)
+        await asyncio.sleep(0.1)
+        assert not third.done() and not fourth.done()
+        assert up.connections == 2  # no third connection was opened
+
+        gates["/a"].set()
+        resp_a = await asyncio.wait_for(a, 5)
+        conn_a = (await resp_a.content.read()).split()[0].decode()
+        resp_a.release()  # handed to the oldest waiter
+        assert await asyncio.wait_for(third, 5) == f"{conn_a} /third"
+        # /third was released in its turn, to the next waiter.
+        assert await asyncio.wait_for(fourth, 5) == f"{conn_a} /fourth"
+
+        gates["/b"].set()
+        resp_b = await asyncio.wait_for(b, 5)
+        await resp_b.content.read()
+        resp_b.release()
+        assert up.connections == 2
+        assert_settled(client, origin)
+        assert pool_of(client, origin).open == 2
+
+
+async def test_pool_busy_when_the_queue_is_full_or_the_wait_too_long(
+    client: UpstreamClient,
+) -> None:
+    gates = {"/a": asyncio.Event(), "/b": asyncio.Event()}
+    async with raw_upstream(gated(gates)) as up:
+        origin = origin_of(up, max_connections=2)
+        held = [asyncio.create_task(send(client, origin, t)) for t in gates]
+        await until(lambda: len(up.targets) == 2)
+        waiters = [asyncio.create_task(fetch(client, origin, f"/w{i}")) for i in range(2)]
+        await until(lambda: waiting(client, origin) == 2)
+
+        started = time.monotonic()
+        with pytest.raises(PoolBusy) as full:
+            await send(client, origin, "/over")
+        assert full.value.why == "queue_full"
+        assert time.monotonic() - started < 0.5  # at once
+        assert waiting(client, origin) == 2
+
+        # Waiters whose client went away leave the queue.
+        for task in waiters:
+            task.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
+        assert waiting(client, origin) == 0
+        assert pool_of(client, origin).open == 2
+
+        started = time.monotonic()
+        with pytest.raises(PoolBusy) as slow:
+            await send(client, origin, "/slow", connect_timeout=0.2)
+        assert slow.value.why == "wait_timeout"
+        assert 0.15 < time.monotonic() - started < 2
+        assert waiting(client, origin) == 0
+
+        for gate in gates.values():
+            gate.set()
+        for task in held:
+            resp = await asyncio.wait_for(task, 5)
+            await resp.content.read()
+            resp.release()
+        assert_settled(client, origin)
+        assert await fetch(client, origin, "/after") == "1 /after"
+        assert up.connections == 2
+        assert [t for _, t in up.targets] == ["/a", "/b", "/after"]
+
+
+async def test_a_closed_connection_frees_its_slot_for_a_waiter(client: UpstreamClient) -> None:
+    """A waiter connects anew when an in-use connection is closed (its response given up
+    with the body unread) rather than released whole."""
+
+    async def handle(
+        up: RawUpstream, conn: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        while (target := await up.next_target(conn, reader)) is not None:
+            if target == "/partial":
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly some")
+            else:
+                writer.write(sized(f"{conn} {target}"))
+
+    async with raw_upstream(handle) as up:
+        origin = origin_of(up, max_connections=1)
+        partial = await send(client, origin, "/partial")
+        waiter = asyncio.create_task(fetch(client, origin, "/next"))
+        await until(lambda: waiting(client, origin) == 1)
+        partial.release()  # closed, its slot handed to the waiter
+        assert await asyncio.wait_for(waiter, 5) == "1 /next"
+        await up.wait_closed(0)
+        assert_settled(client, origin)
+        assert pool_of(client, origin).open == 1
+
+
+async def test_no_slot_is_lost_on_any_path(client: UpstreamClient) -> None:
+    """Failed connects, errors and read timeouts in the exchange, cancellation at each
+    step, a response released after its connection was reset (and released twice),
+    waiters cancelled in the very tick a connection or a slot is handed to them: after
+    each the pool counts exactly its open idle connections, and it still serves
+    max_connections requests at once."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead_port = sock.getsockname()[1]  # nothing listens there once it is closed
+    dead = Origin("http", "127.0.0.1", dead_port, max_connections=1)
+    for _ in range(3):
+        with pytest.raises(ConnectError):
+            await send(client, dead, "/x")
+    assert pool_of(client, dead).open == 0
+
+    async def handle(
+        up: RawUpstream, conn: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        while (target := await up.next_target(conn, reader)) is not None:
+            if target == "/hangup":
+                return
+            if target == "/silent":
+                continue
+            if target == "/partial":
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nsome")
+                continue
+            if target == "/reset":
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nsome")
+                await writer.drain()
+                await asyncio.sleep(0.05)
+                reset(writer)
+                return
+            if target.startswith("/slow"):
+                await asyncio.sleep(0.02)
+            writer.write(sized(f"{conn} {target}"))
+
+    async with raw_upstream(handle) as up:
+        origin = origin_of(up, max_connections=2)
+        with pytest.raises(aiohttp.ServerDisconnectedError):
+            await send(client, origin, "/hangup")
+        assert_settled(client, origin)
+        with pytest.raises(TimeoutError):
+            await send(client, origin, "/silent", read_timeout=0.1)
+        assert_settled(client, origin)
+
+        # Cancelled before, while and after connecting, and waiting for the head.
+        assert await fetch(client, origin, "/warm") == "2 /warm"
+        for ticks in range(12):
+            task = asyncio.create_task(fetch(client, origin, f"/slow{ticks}"))
+            for _ in range(ticks):
+                await asyncio.sleep(0)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            assert_settled(client, origin)
+
+        cut = await send(client, origin, "/reset")
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await asyncio.wait_for(cut.content.read(), 5)
+        assert_settled(client, origin)  # the reset freed its slot...
+        cut.release()
+        cut.release()
+        assert_settled(client, origin)  # ...and releasing did not free it again
+
+        # Waiters gone in the very tick a connection, then a slot, is handed to them.
+        partial = await send(client, origin, "/partial")
+        whole = await send(client, origin, "/slow-whole")
+        await whole.content.read()
+        waiter = asyncio.create_task(fetch(client, origin, "/never"))
+        await until(lambda: waiting(client, origin) == 1)
+        whole.release()  # handed to the waiter...
+        waiter.cancel()  # ...gone before it runs: the connection is pooled instead
+        await asyncio.gather(waiter, return_exceptions=True)
+        assert len(pool_of(client, origin).idle) == 1
+        other = await send(client, origin, "/slow-other")  # takes it
+        await other.content.read()
+        waiter = asyncio.create_task(fetch(client, origin, "/never"))
+        await until(lambda: waiting(client, origin) == 1)
+        partial.release()  # closed, its slot handed to the waiter...
+        waiter.cancel()  # ...gone before it runs: the slot is freed
+        await asyncio.gather(waiter, return_exceptions=True)
+        assert pool_of(client, origin).open == 1
+        other.release()
+        assert_settled(client, origin)
+        assert "/never" not in [t for _, t in up.targets]
+
+        # Both slots are there: two requests at once, neither waits.
+        gates = {"/p1": asyncio.Event(), "/p2": asyncio.Event()}
+        both = [asyncio.create_task(send(client, origin, t, connect_timeout=0.5)) for t in gates]
+        await until(lambda: {"/p1", "/p2"} <= {t for _, t in up.targets})
+        for resp in await asyncio.wait_for(asyncio.gather(*both), 5):
+            await resp.content.read()
+            resp.release()
+        assert_settled(client, origin)
+        assert pool_of(client, origin).open == 2
+
+
+async def test_idle_connections_are_closed_by_a_timer(client: UpstreamClient) -> None:
+    """Each idle connection is closed idle_timeout after its last use, with no request
+    coming to notice."""
+    loop = asyncio.get_running_loop()
+    gates = {"/a": asyncio.Event(), "/b": asyncio.Event()}
+    async with raw_upstream(gated(gates)) as up:
+        origin = origin_of(up, idle_timeout=0.3)
+        assert await fetch(client, origin, "/one") == "0 /one"
+        await asyncio.sleep(0.2)
+        assert await fetch(client, origin, "/two") == "0 /two"  # younger than 0.3 s
+        last_use = loop.time()
+        closed = await up.wait_closed(0)
+        assert 0.25 <= closed - last_use < 1.0  # 0.3 s after the last use, not the first
+        assert pool_of(client, origin).open == 0
+        assert not pool_of(client, origin).idle
+
+        # Two connections pooled 0.15 s apart are closed 0.15 s apart.
+        held = [asyncio.create_task(send(client, origin, t)) for t in gates]
+        await until(lambda: len(up.targets) == 4)
+        released = []
+        for target, task in zip(gates, held, strict=True):
+            gates[target].set()
+            resp = await asyncio.wait_for(task, 5)
+            await resp.content.read()
+            resp.release()
+            released.append(loop.time())
+            await asyncio.sleep(0.15)
+        first, second = await up.wait_closed(1), await up.wait_closed(2)
+        assert 0.25 <= first - released[0] < 1.0
+        assert 0.25 <= second - released[1] < 1.0
+        assert second - first > 0.1
+        assert pool_of(client, origin).open == 0
+
+
+async def test_retain_drops_the_pools_of_origins_no_longer_listed(
+    client: UpstreamClient,
+) -> None:
+    gates = {"/held": asyncio.Event()}
+    async with raw_upstream(gated(gates)) as up:
+        # Two upstreams on one server: a pool each, told apart by name.
+        a = origin_of(up, name="a", max_connections=2)
+        b = origin_of(up, name="b")
+        held = asyncio.create_task(send(client, a, "/held"))  # connection 0, in use
+        await until(lambda: len(up.targets) == 1)
+        assert await fetch(client, a, "/a1") == "1 /a1"  # connection 1, idle
+        assert await fetch(client, b, "/b1") == "2 /b1"  # connection 2, idle
+
+        dropped = asyncio.get_running_loop().time()
+        client.retain(iter([b]))
+        assert await up.wait_closed(1) - dropped < 0.5  # idle: closed at once
+        assert 0 not in up.closed
+        gates["/held"].set()
+        resp = await asyncio.wait_for(held, 5)
+        assert await resp.content.read() == b"0 /held"
+        resp.release()
+        await up.wait_closed(0)  # in use: closed when released, not pooled
+
+        assert await fetch(client, b, "/b2") == "2 /b2"  # b's pool is untouched
+        assert 2 not in up.closed
+        assert await fetch(client, a, "/a2") == "3 /a2"  # a fresh pool for a
+
+
+async def test_requests_waiting_on_a_dropped_pool_still_complete(
+    client: UpstreamClient,
+) -> None:
+    gates = {"/held": asyncio.Event()}
+    async with raw_upstream(gated(gates)) as up:
+        a = origin_of(up, name="a", max_connections=1)
+        held = asyncio.create_task(send(client, a, "/held"))
+        await until(lambda: len(up.targets) == 1)
+        waiter = asyncio.create_task(fetch(client, a, "/waiting"))
+        await until(lambda: waiting(client, a) == 1)
+        pool = pool_of(client, a)
+        client.retain([])
+        gates["/held"].set()
+        resp = await asyncio.wait_for(held, 5)
+        await resp.content.read()
+        resp.release()  # to the waiter, on the same connection
+        assert await asyncio.wait_for(waiter, 5) == "0 /waiting"
+        await up.wait_closed(0)  # and closed once the waiter released it
+        assert pool.open == 0
+        assert not pool.idle
+
+
+STALE = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstale"
+
+
+@pytest.mark.parametrize(
+    "when",
+    [
+        "in the same write as the response",
+        "after the response, before its release",
+        "while idle",
+        "whole, while idle",
+    ],
+)
+async def test_bytes_no_request_asked_for_close_the_connection(
+    client: UpstreamClient, when: str
+) -> None:
+    """A second response, or the start of one, sent after a complete response is never
+    taken for the next request's answer: that connection is closed and the next request
+    gets its own, on a new connection."""
+    cut = len(STALE) if when.startswith("whole") else 20  # mid-header
+
+    async def handle(
+        up: RawUpstream, conn: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        while (target := await up.next_target(conn, reader)) is not None:
+            if target == "/one":
+                if when.startswith("in the same"):
+                    writer.write(sized(f"{conn} {target}") + STALE[:cut])
+                else:
+                    writer.write(sized(f"{conn} {target}"))
+                    await writer.drain()
+                    await asyncio.sleep(0.05)
+                    writer.write(STALE[:cut])
+            elif conn == 0:  # the rest of the stray response, then the answer
+                writer.write(STALE[cut:] + sized(f"{conn} {target}"))
+            else:
+                writer.write(sized(f"{conn} {target}"))
+
+    async with raw_upstream(handle) as up:
+        origin = origin_of(up)
+        resp = await send(client, origin, "/one")
+        assert await asyncio.wait_for(resp.content.read(), 5) == b"0 /one"
+        if when.startswith("after"):
+            await asyncio.sleep(0.15)  # the stray bytes arrive before the release
+        resp.release()
+        await asyncio.sleep(0.15)
+        assert await fetch(client, origin, "/two") == "1 /two"
+        await up.wait_closed(0)
+        assert up.targets == [(0, "/one"), (1, "/two")]
+        assert_settled(client, origin)
+
+
+async def test_bytes_after_a_complete_response_never_reach_the_next_client(
+    start_proxy: StartProxy,
+) -> None:
+    """Through the proxy: the start of a second response after the first one, and its
+    rest sent on the next request, never reach a client."""
+
+    def script(conn: int, n: int, rec: Recorded) -> bytes | None:
+        if conn == 0 and n == 0:
+            return ok_reply(conn, n) + STALE[:20]
+        if conn == 0:
+            return STALE[20:] + ok_reply(conn, n)
+        return ok_reply(conn, n)
+
+    async with scripted_upstream(script) as up:
+        proxy = await start_proxy(one_upstream(up.port))
+        first = await raw_request(proxy.port, "GET", "/one")
+        assert json.loads(first.body) == {"conn": 0, "n": 0}
+        second = await raw_request(proxy.port, "GET", "/two")
+        assert second.status == 200, second.body
+        assert json.loads(second.body) == {"conn": 1, "n": 0}
+        assert up.seen == [(0, "GET", "/one"), (1, "GET", "/two")]
+
+
+@pytest.mark.parametrize("ending", ["reset", "fin"])
+async def test_close_delimited_body_ended_by_a_reset_is_an_error(
+    client: UpstreamClient, ending: str
+) -> None:
+    """A body without Content-Length or chunking ends when the connection does: a FIN
+    ends it whole, an RST (SO_LINGER 0) cuts it short, and reading it raises."""
+    whole = b"first part, second part"
+
+    async def handle(
+        up: RawUpstream, conn: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await up.next_target(conn, reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n" + whole[:12])
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(whole[12:])
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        if ending == "reset":
+            reset(writer)
+        # else: a FIN, as raw_upstream closes the writer
+
+    async with raw_upstream(handle) as up:
+        origin = origin_of(up)
+        resp = await send(client, origin, "/body")
+        assert resp.content_length is None
+        assert "Transfer-Encoding" not in resp.headers
+        got = b""
+        try:
+            async with asyncio.timeout(5):
+                while chunk := await resp.content.readany():
+                    got += chunk
+        except aiohttp.ClientPayloadError:
+            outcome = "cut short"
+        else:
+            outcome = "whole"
+        finally:
+            resp.release()
+        if ending == "fin":
+            assert (outcome, got) == ("whole", whole)
+        else:
+            assert outcome == "cut short"
+            assert whole.startswith(got)
+        assert_settled(client, origin)
+
+
+async def test_unsolicited_101_is_a_bad_message_and_its_connection_is_aborted(
+    client: UpstreamClient,
+) -> None:
+    async def handle(
+        up: RawUpstream, conn: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await up.next_target(conn, reader)
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\n\r\n\x81\x05hello"
+        )
+        await up.next_target(conn, reader)  # until the client closes
+
+    async with raw_upstream(handle) as up:
+        origin = origin_of(up)
+        with pytest.raises(BadHttpMessage) as bad:
+            await send(client, origin, "/ws")
+        assert isinstance(bad.value, HttpProcessingError)  # the proxy's 502
+        assert bad.value.message == "unsolicited 101 Switching Protocols"
+        await up.wait_closed(0)
+        assert_settled(client, origin)
+        assert pool_of(client, origin).open == 0
