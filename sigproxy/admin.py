@@ -15,7 +15,9 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from .metrics import Metrics
+from .protocol import Handler
 from .proxy import Proxy, RouteTable
+from .routing import hostname
 
 # /readyz wants credentials that stay valid at least this long.
 MIN_CREDENTIAL_SECONDS = 60.0
@@ -45,37 +47,46 @@ def readiness(state: ServerState, table: RouteTable, now: float | None = None) -
     return reasons
 
 
-def create_admin_app(proxy: Proxy, metrics: Metrics, state: ServerState) -> web.Application:
-    async def metrics_handler(request: web.Request) -> web.Response:
+def admin_handler(proxy: Proxy, metrics: Metrics, state: ServerState) -> Handler:
+    """The admin listener's one handler: ``GET``/``HEAD`` of /metrics, /healthz, /readyz.
+    Host names are checked as on the proxy port, and any IP address is accepted too
+    (probes and Prometheus address a pod by its IP)."""
+
+    def scrape() -> bytes:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             # Several workers: add up every worker's values, as one scrape target.
             registry = CollectorRegistry()
             MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
             registry.register(CredentialCollector(lambda: proxy.table))
-            body = generate_latest(registry)
-        else:
-            body = generate_latest(metrics.registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+            return generate_latest(registry)
+        return generate_latest(metrics.registry)
 
-    async def healthz(request: web.Request) -> web.Response:
-        # Answering at all shows the event loop is turning.
-        return web.json_response({"status": "ok"})
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        host = request.headers.get("Host")
+        if host is not None and not proxy.table.admin_hosts.allows(hostname(host)):
+            return _json(421, {"error": "host_not_allowed", "message": "unknown host name"})
+        if request.method not in ("GET", "HEAD"):
+            return _json(405, {"error": "method_not_allowed", "message": "GET only"})
+        path = request.path
+        if path == "/metrics":
+            return web.Response(body=scrape(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        if path == "/healthz":
+            # Answering at all shows the event loop is turning.
+            return _json(200, {"status": "ok"})
+        if path == "/readyz":
+            reasons = readiness(state, proxy.table)
+            if reasons:
+                return _json(503, {"status": "not ready", "reasons": reasons})
+            return _json(200, {"status": "ready"})
+        return _json(404, {"error": "not_found", "message": "try /metrics, /healthz or /readyz"})
 
-    async def readyz(request: web.Request) -> web.Response:
-        reasons = readiness(state, proxy.table)
-        if reasons:
-            return web.Response(
-                status=503,
-                body=json.dumps({"status": "not ready", "reasons": reasons}).encode(),
-                content_type="application/json",
-            )
-        return web.json_response({"status": "ready"})
+    return handle
 
-    app = web.Application()
-    app.router.add_get("/metrics", metrics_handler)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    return app
+
+def _json(status: int, body: dict[str, object]) -> web.Response:
+    return web.Response(
+        status=status, body=json.dumps(body).encode(), content_type="application/json"
+    )
 
 
 class CredentialCollector(Collector):

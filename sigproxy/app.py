@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 import os
@@ -15,14 +16,14 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from .admin import CredentialCollector, ServerState, create_admin_app
-from .config import Config
+from .admin import CredentialCollector, ServerState, admin_handler
+from .config import Config, check_exposure
 from .credentials import CredentialStore
 from .errors import ConfigError, CredentialsError, ListenError
 from .logs import protect_secrets
 from .metrics import Metrics
 from .notify import Notifier
-from .protocol import ProxyRunner
+from .protocol import ListenerRunner
 from .proxy import Proxy, RouteTable
 
 log = logging.getLogger("sigproxy")
@@ -47,14 +48,37 @@ def create_proxy(
 
 
 def make_runner(
-    proxy: Proxy, *, shutdown_timeout: float = 30.0, idle_timeout: float = 15.0
+    proxy: Proxy, *, shutdown_timeout: float = 30.0, idle_timeout: float | None = None
 ) -> web.BaseRunner:
-    """A runner set up the way sigproxy serves (see :class:`~sigproxy.protocol.ProxyRunner`):
-    a client that disconnects cancels its handler (and so its upstream request); aiohttp's
+    """A runner for the proxy port (see :class:`~sigproxy.protocol.ListenerRunner`): a
+    client that disconnects cancels its handler (and so its upstream request); aiohttp's
     own access log (which would print query strings) is off in favour of sigproxy's;
-    request bodies are not decompressed; parser errors are answered in JSON; a connection
-    that sends no complete request head within ``idle_timeout`` seconds is closed."""
-    return ProxyRunner(proxy, shutdown_timeout=shutdown_timeout, idle_timeout=idle_timeout)
+    request bodies are not decompressed; parser errors are answered in JSON; heads and
+    connections are capped by ``limits``; a connection that sends no complete request
+    head within ``idle_timeout`` seconds (default ``client_timeouts.header``) is closed.
+    The upstream connections open and close with it."""
+    config = proxy.table.config
+    return ListenerRunner(
+        proxy.handle,
+        what="proxy listener",
+        limits=config.limits,
+        shutdown_timeout=shutdown_timeout,
+        header_timeout=config.client_timeouts.header if idle_timeout is None else idle_timeout,
+        open=proxy.open,
+        close=proxy.close,
+    )
+
+
+def make_admin_runner(proxy: Proxy, state: ServerState) -> web.BaseRunner:
+    """A runner for the admin listener, bounded like the proxy port."""
+    config = proxy.table.config
+    return ListenerRunner(
+        admin_handler(proxy, proxy.metrics, state),
+        what="admin listener",
+        limits=config.limits,
+        shutdown_timeout=5.0,
+        header_timeout=config.client_timeouts.header,
+    )
 
 
 @contextlib.asynccontextmanager
@@ -133,7 +157,7 @@ class Server:
             shutdown_timeout=config.grace_period,
             idle_timeout=config.client_timeouts.header,
         )
-        self._admin: web.AppRunner | None = None
+        self._admin: web.BaseRunner | None = None
         self._reload_lock = asyncio.Lock()
         self.on_ready: Callable[[], None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -148,8 +172,7 @@ class Server:
         gc.freeze()
         await _listen(self._runner, config.listen.host, config.listen.port, "sigproxy", self._sock)
         if config.admin is not None:
-            admin_app = create_admin_app(self.proxy, self.metrics, self.state)
-            self._admin = web.AppRunner(admin_app, access_log=None)
+            self._admin = make_admin_runner(self.proxy, self.state)
             try:
                 await _listen(
                     self._admin, config.admin.host, config.admin.port, "admin", self._admin_sock
@@ -173,6 +196,9 @@ class Server:
             self.notifier.reloading()
             try:
                 config = self._load()
+                # Listen changes wait for a restart: the new config must be safe on the
+                # socket that stays open.
+                check_exposure(dataclasses.replace(config, listen=self.config.listen))
                 store = await asyncio.get_running_loop().run_in_executor(
                     None, CredentialStore.resolve, config, self.proxy.table.credentials
                 )
@@ -187,7 +213,13 @@ class Server:
                 ("listen", self.config.listen, config.listen),
                 ("admin", self.config.admin, config.admin),
                 ("grace_period", self.config.grace_period, config.grace_period),
-            ):
+                ("client_timeouts.header", self.config.client_timeouts.header,
+                 config.client_timeouts.header),
+                ("limits.max_header_bytes", self.config.limits.max_header_bytes,
+                 config.limits.max_header_bytes),
+                ("limits.max_client_connections", self.config.limits.max_client_connections,
+                 config.limits.max_client_connections),
+            ):  # fmt: skip
                 if old != new:
                     log.warning("reload: %s changes take effect at the next restart", what)
             self.proxy.swap(table)

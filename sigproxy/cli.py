@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import logging
 import os
 import sys
@@ -16,7 +15,8 @@ from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
 from . import __version__
-from .config import LOG_FORMATS, LOG_LEVELS, Config, Listen, load_config
+from .config import LOG_FORMATS, LOG_LEVELS, Config, load_config, with_listen
+from .config import warnings as config_warnings
 from .errors import ConfigError, ListenError, SigproxyError
 from .logs import setup_logging
 from .notify import Notifier
@@ -106,6 +106,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         return _fail(f"{args.config}: {exc}")
     setup_logging(args.log_level or config.log_level, args.log_format or config.log_format)
+    if getattr(args, "worker_fds", None) is None:  # a worker's supervisor said it already
+        for warning in config_warnings(config):
+            log.warning("%s", warning)
     try:
         if args.command == "check":
             return _check(config)
@@ -126,17 +129,7 @@ def _without_awscrt() -> None:
 
 
 def _apply_overrides(config: Config, args: argparse.Namespace) -> Config:
-    host = getattr(args, "host", None)
-    port = getattr(args, "port", None)
-    if port is not None and not 0 <= port <= 65535:
-        raise ConfigError("--port", f"must be between 0 and 65535, got {port}")
-    if host is None and port is None:
-        return config
-    listen = Listen(
-        host=host if host is not None else config.listen.host,
-        port=port if port is not None else config.listen.port,
-    )
-    return dataclasses.replace(config, listen=listen)
+    return with_listen(config, getattr(args, "host", None), getattr(args, "port", None))
 
 
 def _fail(message: str) -> int:
@@ -213,7 +206,12 @@ def _serve(config: Config, path: str, args: argparse.Namespace) -> int:
         return EXIT_OK
     if workers > 1:
         worker_args = ["--config", path]
-        for flag, value in (("--log-level", args.log_level), ("--log-format", args.log_format)):
+        # Workers check every reload against the address really listened on.
+        for flag, value in (
+            ("--log-level", args.log_level),
+            ("--log-format", args.log_format),
+            ("--host", args.host),
+        ):
             if value:
                 worker_args += [flag, value]
         return run(Supervisor(config, worker_args, workers).run())

@@ -9,6 +9,7 @@ so a value from the environment can never inject YAML structure.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import ipaddress
 import os
@@ -25,6 +26,10 @@ from .cors import CorsConfig
 from .errors import BadRequest, ConfigError
 
 DEFAULT_MAX_BODY_BYTES = 6 * 1024 * 1024  # Function URL request payload limit
+# Eight bodies of the Function URL limit: each costs about twice its size while it is
+# read and sent, so the worst case stays well inside the shipped manifests' 256Mi.
+DEFAULT_BODY_MEMORY_BYTES = 8 * DEFAULT_MAX_BODY_BYTES
+DEFAULT_UPSTREAM_CONNECTIONS = 1024
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 SIGNERS = ("builtin", "botocore")
@@ -64,6 +69,8 @@ class Timeouts:
     """Seconds to get a connection (TCP + TLS) to the upstream."""
     read: float = 900.0
     """Seconds the upstream may stay silent (Lambda functions run up to 15 minutes)."""
+    idle: float = 15.0
+    """Seconds an idle pooled connection to the upstream is kept before it is closed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +112,8 @@ class Upstream:
     cors: CorsConfig | None = None
     url_host: str = ""
     """The URL's host name, lower-cased: what a forward-proxy request names."""
+    max_connections: int = DEFAULT_UPSTREAM_CONNECTIONS
+    """Open connections to the upstream at most (Envoy's per-cluster default)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +131,18 @@ class ClientTimeouts:
     """Seconds a connection may take to send a complete request head (and stay idle)."""
     body: float = 60.0
     """Seconds the request body may take to arrive."""
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds on what clients can make the process hold, before and after admission."""
+
+    max_header_bytes: int = 64 * 1024
+    """A whole request head (request line and headers); Envoy's default is 60 KiB."""
+    max_client_connections: int = 1024
+    """Open client connections per listener (the proxy port and the admin port each)."""
+    body_memory_bytes: int = DEFAULT_BODY_MEMORY_BYTES
+    """Request bodies held in memory at once, process-wide."""
 
 
 DEFAULT_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
@@ -143,6 +164,12 @@ class Config:
     """Empty: any client address."""
     allowed_methods: tuple[str, ...] = DEFAULT_METHODS
     client_timeouts: ClientTimeouts = ClientTimeouts()
+    limits: Limits = Limits()
+    allowed_hosts: tuple[str, ...] = ()
+    """Host names (or ``*.suffix`` patterns, or ``*``) served besides the defaults: see
+    :func:`default_hosts`."""
+    allow_cross_site_navigation: bool = False
+    """Let links and bookmarks on other sites open GET/HEAD pages through the proxy."""
     signer: str = "builtin"
     """``builtin`` (sigproxy's own SigV4 code) or ``botocore`` (botocore's SigV4Auth);
     both give byte-identical signatures, botocore's at about four times the CPU."""
@@ -200,6 +227,10 @@ class _StrictLoader(yaml.SafeLoader):
                 )
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+_TRUE = frozenset({"true", "yes", "on", "1"})
+_FALSE = frozenset({"false", "no", "off", "0"})
 
 
 class _Expanded(str):
@@ -287,6 +318,19 @@ class Section:
             raise ConfigError(self.at(key), f"must be more than 0 and at most 86400, got {value}")
         return float(value)
 
+    def boolean(self, key: str, default: bool) -> bool:
+        """true/false; from ``${VAR}`` also yes/no, on/off and 1/0."""
+        value = self.data.get(key)
+        if value is None:
+            return default
+        if isinstance(value, _Expanded):
+            word = value.strip().lower()
+            if word in _TRUE or word in _FALSE:
+                return word in _TRUE
+        if not isinstance(value, bool):
+            raise ConfigError(self.at(key), f"must be true or false, got {_type_name(value)}")
+        return value
+
     def strings(self, key: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
         """A list of strings, each stripped of surrounding white space."""
         value = self.data.get(key)
@@ -348,6 +392,9 @@ def _build_config(data: Any, source: str) -> Config:
             "allowed_clients",
             "allowed_methods",
             "client_timeouts",
+            "limits",
+            "allowed_hosts",
+            "allow_cross_site_navigation",
             "signer",
             "emulator",
         ),
@@ -395,17 +442,7 @@ def _build_config(data: Any, source: str) -> Config:
     inbound_auth = optional_section(
         top, "inbound_auth", ("tokens", "tokens_file", "header"), _build_inbound_auth, None
     )
-    allow_unauth = top.data.get("allow_unauthenticated", False)
-    if not isinstance(allow_unauth, bool):
-        raise ConfigError("allow_unauthenticated", "must be true or false")
-    if not is_loopback(listen.host) and inbound_auth is None and not allow_unauth:
-        raise ConfigError(
-            "listen.host",
-            f"{listen.host} is not a loopback address, so others could reach the proxy and "
-            "call your functions with its AWS credentials: set inbound_auth (bearer tokens "
-            "or a shared header secret) or, on a network you trust, allow_unauthenticated: true",
-        )
-    return Config(
+    config = Config(
         listen=listen,
         upstreams=tuple(upstreams),
         log_level=log_level,
@@ -413,7 +450,7 @@ def _build_config(data: Any, source: str) -> Config:
         admin=admin,
         grace_period=grace_period,
         inbound_auth=inbound_auth,
-        allow_unauthenticated=allow_unauth,
+        allow_unauthenticated=top.boolean("allow_unauthenticated", False),
         allowed_clients=_build_clients(top),
         allowed_methods=_build_methods(top),
         signer=signer,
@@ -426,8 +463,117 @@ def _build_config(data: Any, source: str) -> Config:
             ),
             ClientTimeouts(),
         ),
+        limits=optional_section(top, "limits", _LIMIT_KEYS, _build_limits, Limits()),
+        allowed_hosts=_build_allowed_hosts(top),
+        allow_cross_site_navigation=top.boolean("allow_cross_site_navigation", False),
         source=source,
     )
+    check_exposure(config)
+    return config
+
+
+def check_exposure(config: Config) -> None:
+    """Refuse a config that would let others use the proxy without a token. Run on every
+    config that is about to be served: after command-line overrides, and on reload against
+    the address actually listened on."""
+    exposed = not is_loopback(config.listen.host.strip("[]"))
+    if exposed and config.inbound_auth is None and not config.allow_unauthenticated:
+        raise ConfigError(
+            "listen.host",
+            f"{config.listen.host} is not a loopback address, so others could reach the "
+            "proxy and call your functions with its AWS credentials: set inbound_auth "
+            "(bearer tokens or a shared header secret) or, on a network you trust, "
+            "allow_unauthenticated: true",
+        )
+    if "*" in config.allowed_hosts and config.inbound_auth is None:
+        raise ConfigError(
+            "allowed_hosts",
+            '"*" accepts any Host header, which lets web pages on other sites reach the proxy '
+            "through DNS rebinding; list the names instead, or set inbound_auth as well",
+        )
+
+
+def warnings(config: Config) -> list[str]:
+    """What is allowed but probably not meant; ``serve`` and ``check`` say it."""
+    found = []
+    for upstream in config.upstreams:
+        if upstream.auth == "none" and upstream.match_host is None:
+            found.append(
+                f"upstream {upstream.name!r} has auth: none and no host:, so what it serves "
+                "shares the proxy's origin with the signed routes: a page it returns could "
+                "call them as its own. Give it its own host: name unless you trust its "
+                "content."
+            )
+    return found
+
+
+def with_listen(config: Config, host: str | None, port: int | None) -> Config:
+    """``config`` listening on ``host``/``port`` instead (command-line overrides), checked
+    as a whole again."""
+    if port is not None and not 0 <= port <= 65535:
+        raise ConfigError("--port", f"must be between 0 and 65535, got {port}")
+    if host is None and port is None:
+        return config
+    listen = Listen(
+        host=host if host is not None else config.listen.host,
+        port=port if port is not None else config.listen.port,
+    )
+    changed = dataclasses.replace(config, listen=listen)
+    try:
+        check_exposure(changed)
+    except ConfigError as exc:
+        if host is None:
+            raise
+        raise ConfigError("--host", exc.message) from None
+    return changed
+
+
+_LIMIT_KEYS = ("max_header_bytes", "max_client_connections", "body_memory_bytes")
+
+
+def _build_limits(s: Section) -> Limits:
+    d = Limits()
+    return Limits(
+        max_header_bytes=_int(s, "max_header_bytes", d.max_header_bytes, 1024, 1 << 20),
+        max_client_connections=_int(
+            s, "max_client_connections", d.max_client_connections, 1, 1 << 20
+        ),
+        body_memory_bytes=_int(s, "body_memory_bytes", d.body_memory_bytes, 0, 1 << 40),
+    )
+
+
+def _int(s: Section, key: str, default: int, minimum: int, maximum: int) -> int:
+    value = s.integer(key, default, minimum, maximum)
+    assert value is not None
+    return value
+
+
+_ALLOWED_HOST_RE = re.compile(rf"^(\*|(\*\.)?{_LABEL}(\.{_LABEL})*|[0-9.]+|\[[0-9a-f:.]+\])$")
+
+
+def _build_allowed_hosts(top: Section) -> tuple[str, ...]:
+    hosts = []
+    for i, raw in enumerate(top.strings("allowed_hosts")):
+        host = raw.lower()
+        if host != "*":
+            host = host.removesuffix(".")  # a fully qualified name is the same name
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]" if _is_ipv6(host) else host
+        if not _ALLOWED_HOST_RE.match(host) or (host == "*" and raw != "*"):
+            raise ConfigError(
+                f"allowed_hosts[{i}]",
+                f"{raw!r} is not a host name (without a port), a pattern like "
+                '*.example.com, or "*"',
+            )
+        hosts.append(host)
+    return tuple(hosts)
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        return ipaddress.ip_address(text).version == 6
+    except ValueError:
+        return False
 
 
 _TOKEN_RE = re.compile(r"^[\x21-\x7e]{16,}$")
@@ -497,9 +643,7 @@ def _build_admin(top: Section, listen: Listen) -> Admin | None:
         admin = None
     elif raw is not None and raw is not True:
         s = Section(raw, "admin", ("host", "port", "enabled"))
-        enabled = s.data.get("enabled", True)
-        if not isinstance(enabled, bool):
-            raise ConfigError("admin.enabled", "must be true or false")
+        enabled = s.boolean("enabled", True)
         admin = Admin(
             host=s.text("host", "127.0.0.1") or "127.0.0.1",
             port=s.integer("port", 9090, 0, 65535) or 0,
@@ -522,6 +666,7 @@ _UPSTREAM_KEYS = (
     "credentials",
     "timeout",
     "max_body_bytes",
+    "max_connections",
     "cors",
 )
 
@@ -586,8 +731,12 @@ def _build_upstream(s: Section) -> Upstream:
     timeout = optional_section(
         s,
         "timeout",
-        ("connect", "read"),
-        lambda t: Timeouts(connect=t.seconds("connect", 5.0), read=t.seconds("read", 900.0)),
+        ("connect", "read", "idle"),
+        lambda t: Timeouts(
+            connect=t.seconds("connect", 5.0),
+            read=t.seconds("read", 900.0),
+            idle=t.seconds("idle", 15.0),
+        ),
         Timeouts(),
     )
     max_body = s.integer("max_body_bytes", DEFAULT_MAX_BODY_BYTES, 0, 1 << 40)
@@ -611,6 +760,7 @@ def _build_upstream(s: Section) -> Upstream:
         max_body_bytes=max_body,
         cors=cors,
         url_host=hostname,
+        max_connections=_int(s, "max_connections", DEFAULT_UPSTREAM_CONNECTIONS, 1, 1 << 16),
     )
 
 
@@ -636,9 +786,7 @@ def _build_cors(c: Section) -> CorsConfig:
                 f"{c.at('allow_origins')}[{i}]",
                 f"{origin!r} is not an origin like https://app.example.com or http://localhost:*",
             )
-    credentials = c.data.get("allow_credentials", False)
-    if not isinstance(credentials, bool):
-        raise ConfigError(c.at("allow_credentials"), "must be true or false")
+    credentials = c.boolean("allow_credentials", False)
     if credentials and "*" in origins:
         raise ConfigError(
             c.at("allow_origins"),

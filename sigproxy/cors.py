@@ -70,7 +70,7 @@ class CorsPolicy:
     ) -> list[tuple[str, str]] | str:
         """Response headers granting the preflight, or the reason it is refused."""
         if not self.allows_origin(origin):
-            return f"origin {origin} is not allowed"
+            return "the page's origin is not in cors.allow_origins"  # never echoed
         method = method.upper()
         if not (self.any_method or method in self._methods or method in SAFELISTED_METHODS):
             return f"method {method} is not allowed"

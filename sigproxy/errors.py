@@ -15,7 +15,11 @@
         ├── NoRoute                 404 no_route
         ├── BodyTooLarge            413 body_too_large
         ├── ExpectationFailed       417 expectation_failed
+        ├── MisdirectedRequest      421 host_not_allowed: a Host the proxy is not known by
+        ├── UnsupportedCoding       501 not_implemented: a transfer coding other than chunked
         ├── UpstreamUnreachable     502 upstream_unreachable
+        ├── OverCapacity            503 over_capacity: the request body memory budget is spent
+        ├── UpstreamBusy            503 upstream_busy: the upstream's connections are all taken
         ├── UpstreamTimeout         504 upstream_timeout
         └── CredentialsUnavailable  503 credentials_unavailable
 
@@ -62,6 +66,8 @@ class ProxyError(SigproxyError):
     status = 500
     code = "internal_error"
     reason = "internal"  # bounded metric label
+    closes = False
+    """The connection can't be trusted for another request after this answer."""
 
     def __init__(
         self,
@@ -107,6 +113,37 @@ class RequestTimeout(ProxyError):
     status = 408
     code = "request_timeout"
     reason = "client_timeout"
+
+
+class MisdirectedRequest(ProxyError):
+    status = 421
+    code = "host_not_allowed"
+    reason = "forbidden"
+
+
+class UnsupportedCoding(ProxyError):
+    status = 501
+    code = "not_implemented"
+    reason = "bad_request"
+    closes = True  # its framing is in doubt
+
+
+class OverCapacity(ProxyError):
+    status = 503
+    code = "over_capacity"
+    reason = "over_capacity"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Retry-After": "1"})
+
+
+class UpstreamBusy(ProxyError):
+    status = 503
+    code = "upstream_busy"
+    reason = "upstream_busy"
+
+    def __init__(self, message: str, **extra: Any) -> None:
+        super().__init__(message, headers={"Retry-After": "1"}, **extra)
 
 
 class NoRoute(ProxyError):

@@ -1,19 +1,30 @@
-"""Who may use the proxy, decided before anything is read or forwarded: client
-addresses (``allowed_clients``), methods, the ``inbound_auth`` token, and the browser
-origin (a web page must not be able to make the proxy sign requests for it unless its
-origin is allowed: cross-site request forgery on a signing proxy would spend your IAM
-permissions)."""
+"""Who may use the proxy, decided before anything is routed, read or forwarded: client
+addresses (``allowed_clients``), the Host name (``allowed_hosts``: DNS rebinding), methods
+and transfer codings, the ``inbound_auth`` token, and the page a browser request comes
+from (a web page on another site must not be able to make the proxy sign for it unless
+the upstream's CORS policy allows its origin: cross-site request forgery on a signing
+proxy spends your IAM permissions)."""
 
 from __future__ import annotations
 
 import hmac
 import ipaddress
+from collections.abc import Iterable
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from .config import Config, InboundAuth
+from .config import Config, InboundAuth, is_loopback
 from .cors import CorsPolicy
-from .errors import Forbidden, MethodNotAllowed, Unauthorized
+from .errors import (
+    BadRequest,
+    Forbidden,
+    MethodNotAllowed,
+    MisdirectedRequest,
+    Unauthorized,
+    UnsupportedCoding,
+)
+from .routing import hostname
 
 CONNECT_HELP = (
     "sigproxy cannot sign inside a TLS tunnel: with CONNECT it would only see encrypted "
@@ -22,6 +33,46 @@ CONNECT_HELP = (
     "Function URL written with http:// (http://<url-id>.lambda-url.<region>.on.aws/...); "
     "sigproxy signs it and sends it on over HTTPS."
 )
+# Sec-Fetch-Site values a browser sends for requests a page on another site made.
+# Anything but these two safe values is treated as cross-site (fail closed).
+_SAFE_SITES = frozenset({"same-origin", "none"})
+_NAVIGATION_METHODS = frozenset({"GET", "HEAD"})
+_UNSPECIFIED = frozenset({"0.0.0.0", "[::]", "::", ""})
+
+
+class HostAllowList:
+    """Host names the proxy answers to. A web page on ``evil.example`` whose DNS name is
+    re-pointed at 127.0.0.1 reaches the proxy with ``Host: evil.example``; refusing
+    names the proxy is not known by closes that door (as Vite's and webpack's
+    ``allowedHosts`` and Jupyter do). Loopback addresses and ``localhost`` are always
+    allowed; ``*.example.com`` allows every name under example.com; ``*`` any name."""
+
+    def __init__(self, names: Iterable[str], *, any_ip: bool = False) -> None:
+        names = [n.lower() for n in names]
+        self.any_host = "*" in names
+        self.any_ip = any_ip
+        self._exact = frozenset(n for n in names if not n.startswith("*")) | {"localhost"}
+        self._suffixes = tuple(n[1:] for n in names if n.startswith("*."))
+
+    @classmethod
+    def for_config(cls, config: Config, *, any_ip: bool = False) -> HostAllowList:
+        """The proxy's own names (listen host, every upstream's ``host:``) and
+        ``allowed_hosts``."""
+        names = [u.match_host for u in config.upstreams if u.match_host]
+        listen = hostname(config.listen.host)
+        if listen not in _UNSPECIFIED:
+            names.append(f"[{listen}]" if ":" in listen and "[" not in listen else listen)
+        return cls([*names, *config.allowed_hosts], any_ip=any_ip)
+
+    def allows(self, name: str) -> bool:
+        """``name`` as :func:`~sigproxy.routing.hostname` gives it."""
+        if self.any_host or name in self._exact or name.endswith(self._suffixes):
+            return True
+        try:
+            address = ipaddress.ip_address(name.strip("[]"))
+        except ValueError:
+            return False
+        return self.any_ip or address.is_loopback
 
 
 def check_client(request: web.BaseRequest, config: Config) -> None:
@@ -35,6 +86,25 @@ def check_client(request: web.BaseRequest, config: Config) -> None:
         raise Forbidden("this client address is not in allowed_clients", code="client_not_allowed")
 
 
+def check_host(request: web.BaseRequest, hosts: HostAllowList) -> None:
+    """Refuse a Host the proxy is not known by. Absolute-form requests (forward-proxy
+    mode) are judged by their target's authority when they are routed."""
+    if not request.raw_path.startswith("/"):
+        return
+    host = request.headers.get("Host")
+    if host is None:
+        if request.version >= (1, 1):
+            raise BadRequest("an HTTP/1.1 request needs a Host header")
+        return
+    if not hosts.allows(hostname(host)):
+        raise MisdirectedRequest(
+            "sigproxy does not serve the host name in this request's Host header (a guard "
+            "against DNS rebinding); if it is a name you use for the proxy, add it to "
+            "allowed_hosts",
+            code="host_not_allowed",
+        )
+
+
 def check_method(request: web.BaseRequest, config: Config) -> None:
     method = request.method
     if method == "CONNECT":
@@ -46,6 +116,14 @@ def check_method(request: web.BaseRequest, config: Config) -> None:
         )
 
 
+def check_framing(request: web.BaseRequest) -> None:
+    """Only ``chunked`` is a transfer coding sigproxy can pass on faithfully: a body
+    de-chunked from ``gzip, chunked`` would lose its coding (RFC 9112 section 6.1)."""
+    codings = request.headers.getall("Transfer-Encoding", ())
+    if codings and [c.strip().lower() for v in codings for c in v.split(",")] != ["chunked"]:
+        raise UnsupportedCoding("the only transfer coding sigproxy accepts is chunked")
+
+
 def check_token(request: web.BaseRequest, auth: InboundAuth) -> None:
     """Constant-time check of the inbound token; the token is never echoed."""
     value = request.headers.get(auth.header, "")
@@ -53,7 +131,8 @@ def check_token(request: web.BaseRequest, auth: InboundAuth) -> None:
         scheme, _, value = value.partition(" ")
         if scheme.lower() != "bearer":
             value = ""
-    given = value.strip().encode()
+    # Bytes that are not UTF-8 arrive as surrogate escapes: compare them as the bytes sent.
+    given = value.strip().encode("utf-8", "surrogateescape")
     ok = False
     for token in auth.tokens:
         ok |= hmac.compare_digest(given, token.encode())
@@ -69,24 +148,78 @@ def check_token(request: web.BaseRequest, auth: InboundAuth) -> None:
         )
 
 
-def check_origin(request: web.BaseRequest, policy: CorsPolicy | None) -> None:
-    """Refuse what a web page on another origin makes a browser send, unless the
-    upstream's CORS policy allows that origin."""
-    origin = request.headers.get("Origin")
+def is_preflight(request: web.BaseRequest) -> bool:
+    """A CORS preflight, which browsers send without credentials or tokens."""
+    headers = request.headers
+    return (
+        request.method == "OPTIONS"
+        and "Origin" in headers
+        and "Access-Control-Request-Method" in headers
+    )
+
+
+def check_site(
+    request: web.BaseRequest, policy: CorsPolicy | None, *, allow_navigation: bool
+) -> None:
+    """Refuse what a web page on another origin makes a browser send (fetch, forms,
+    links, images, frames), unless the upstream's CORS policy allows that origin."""
+    headers = request.headers
+    own = f"{request.scheme}://{request.host}".lower()
+    origin = headers.get("Origin")
     if origin is not None:
-        if origin == f"{request.scheme}://{request.host}":
-            return  # same origin: a page served through the proxy itself
-        if policy is not None and policy.allows_origin(origin):
+        if origin.lower() == own or (policy is not None and policy.allows_origin(origin)):
             return
-        raise Forbidden(
-            f"requests from origin {origin} are not allowed (add it to the upstream's "
-            "cors.allow_origins)",
-            code="origin_not_allowed",
-        )
-    # No Origin: a navigation, or a no-cors load (img, script) a page triggered.
-    if request.headers.get("Sec-Fetch-Site") in ("cross-site", "same-site") and (
-        request.headers.get("Sec-Fetch-Mode") not in (None, "navigate")
-    ):
-        raise Forbidden(
-            "cross-site requests from web pages are not forwarded", code="origin_not_allowed"
-        )
+        raise _refused()
+    site = headers.get("Sec-Fetch-Site")
+    if site in _SAFE_SITES:
+        return
+    page = _referer_origin(headers.get("Referer"))
+    if site is None and (page is None or page == own):
+        return  # not a browser, or no sign of another page (older Safari sends no Sec-Fetch-*)
+    if page is not None and policy is not None and policy.allows_origin(page):
+        return
+    if allow_navigation and _is_navigation(request):
+        return
+    raise _refused()
+
+
+def _is_navigation(request: web.BaseRequest) -> bool:
+    headers = request.headers
+    if request.method not in _NAVIGATION_METHODS:
+        return False
+    if "Sec-Fetch-Mode" not in headers:
+        return True  # Referer only: an older browser following a link
+    return headers.get("Sec-Fetch-Mode") == "navigate" and headers.get("Sec-Fetch-Dest") in (
+        None,
+        "document",
+    )
+
+
+def _referer_origin(referer: str | None) -> str | None:
+    if not referer:
+        return None
+    try:
+        parts = urlsplit(referer.strip())
+        port = parts.port
+    except ValueError:
+        return "invalid"
+    if not parts.scheme or not parts.hostname:
+        return "invalid"
+    host = parts.hostname.lower()
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{parts.scheme.lower()}://{host}" + (f":{port}" if port is not None else "")
+
+
+def _refused() -> Forbidden:
+    # The origin is not echoed: a reflected value is one more thing a page controls.
+    return Forbidden(
+        "requests that web pages on other sites make are not forwarded; to let a page "
+        "call this upstream, list its origin in the upstream's cors.allow_origins",
+        code="origin_not_allowed",
+    )
+
+
+def is_local(host: str) -> bool:
+    """A loopback host name or address (``[::1]`` included)."""
+    return is_loopback(host.strip("[]"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import re
 import sys
 from typing import Any
 
@@ -19,6 +20,18 @@ _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) 
     "message",
     "asctime",
 }
+
+
+# Control characters, and the surrogate escapes that stand for bytes that were not UTF-8.
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f\\\udc80-\udcff]")
+
+
+def printable(text: str) -> str:
+    """``text`` from a client, safe for a log line: control characters (a newline would
+    forge a whole line), backslashes and undecodable bytes as ``\\xNN``."""
+    if not _UNPRINTABLE.search(text):
+        return text
+    return _UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()) & 0xFF:02x}", text)
 
 
 class JsonFormatter(logging.Formatter):

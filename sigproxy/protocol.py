@@ -1,27 +1,43 @@
-"""HTTP-level refusals as JSON: requests aiohttp's parser rejects before any handler
-runs (malformed request lines and headers, oversized headers, conflicting
-Content-Length / Transfer-Encoding) get the same kind of JSON error as everything else,
-and the log line names the problem without quoting the raw bytes (which may hold query
-values)."""
+"""The listeners' HTTP/1.1 layer, below any handler: bounds on what a client can make the
+process hold before it is admitted (the whole request head, open connections, the time
+to send a head), and JSON answers for requests aiohttp's parser refuses (malformed
+request lines and headers, oversized heads, conflicting Content-Length /
+Transfer-Encoding). Log lines name the problem without quoting the raw bytes (which may
+hold query values).
+
+This is the one module that reaches into aiohttp's server protocol (``RequestHandler``'s
+message queue); ``tests/test_aiohttp_contract.py`` pins the surface it uses.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server
 
-from .proxy import Proxy
+from .config import Limits
 
 log = logging.getLogger("sigproxy.protocol")
+
+Handler = Callable[[BaseRequest], Awaitable[web.StreamResponse]]
+
+
+class HeadTooLarge(HttpProcessingError):
+    """A request head over ``limits.max_header_bytes``."""
 
 
 def describe(exc: BaseException | None) -> tuple[int, str, str]:
     """(status, error code, message) for a parser error; the message has no raw bytes."""
+    if isinstance(exc, HeadTooLarge):
+        return 431, "headers_too_large", "the request head is over limits.max_header_bytes"
     if isinstance(exc, LineTooLong):
         line = exc.args[0] if exc.args else b""
         if isinstance(line, bytes | bytearray) and line[:1] == b"/":
@@ -38,8 +54,79 @@ def describe(exc: BaseException | None) -> tuple[int, str, str]:
     return 500, "internal_error", "sigproxy failed unexpectedly"
 
 
-class JsonErrorRequestHandler(RequestHandler):
-    __slots__ = ()
+def json_error(code: str, message: str) -> bytes:
+    return json.dumps({"error": code, "message": message}).encode()
+
+
+class BoundedRequestHandler(RequestHandler):
+    """aiohttp's server protocol with a cap on the whole request head and JSON errors.
+
+    aiohttp bounds each header line (8 KiB) and their number (128), which still lets an
+    unauthenticated client park about 1 MB per connection; here the head as a whole is
+    held to ``limits.max_header_bytes``, whether it completes or keeps trickling in.
+    """
+
+    __slots__ = ("_body", "_head_bytes", "_refused")
+
+    def __init__(self, manager: BoundedServer, **kwargs: object) -> None:
+        super().__init__(manager, **kwargs)  # type: ignore[arg-type]
+        self._head_bytes = 0
+        self._body: StreamReader | None = None
+        self._refused = False
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        # Bytes count towards a head while no request body is still arriving.
+        in_head = self._body is None or self._body.is_eof()
+        queued = len(self._messages)
+        super().data_received(data)
+        if not in_head:
+            return
+        limit = self._limits.max_header_bytes
+        received = self._head_bytes + len(data)
+        if len(self._messages) == queued:
+            self._head_bytes = received
+            if received > limit:
+                self._refuse_head(None)
+            return
+        self._head_bytes = 0
+        self._body = self._messages[-1][1]
+        if received > limit:
+            # Only then can a head that completed in this read be too large.
+            for index in range(queued, len(self._messages)):
+                message = self._messages[index][0]
+                if isinstance(message, _ErrInfo) or _head_size(message) > limit:
+                    self._refuse_head(index)
+                    return
+
+    @property
+    def _limits(self) -> Limits:
+        manager = self._manager
+        assert isinstance(manager, BoundedServer)
+        return manager.limits
+
+    def _refuse_head(self, index: int | None) -> None:
+        """Answer 431 in the place of the message at ``index`` (a head still arriving when
+        None), and take nothing more from this connection."""
+        self._refused = True
+        error = HeadTooLarge(message="request head too large")
+        entry = (_ErrInfo(status=431, exc=error, message=str(error.message)), EMPTY_PAYLOAD)
+        if index is None:
+            self._messages.append(entry)
+        else:
+            while len(self._messages) > index:
+                self._messages.pop()
+            self._messages.append(entry)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        manager = self._manager
+        if isinstance(manager, BoundedServer):
+            manager.open_connections -= 1
+        super().connection_lost(exc)
 
     def handle_error(
         self,
@@ -61,43 +148,107 @@ class JsonErrorRequestHandler(RequestHandler):
             log.info("refused a request from %s: %s %s", request.remote, code_status, text)
         resp = web.Response(
             status=code_status,
-            body=json.dumps({"error": code, "message": text}).encode(),
+            body=json_error(code, text),
             content_type="application/json",
         )
         resp.force_close()
         return resp
 
 
-class JsonErrorServer(Server):
-    __slots__ = ()
+def _head_size(message: object) -> int:
+    raw_headers = getattr(message, "raw_headers", ())
+    size = len(getattr(message, "method", "")) + len(getattr(message, "path", "")) + 12
+    return size + sum(len(name) + len(value) + 4 for name, value in raw_headers)
+
+
+_TOO_MANY = (
+    b"HTTP/1.1 503 Service Unavailable\r\n"
+    b"Content-Type: application/json\r\n"
+    b"Retry-After: 1\r\n"
+    b"Connection: close\r\n"
+)
+
+
+class _Refuse(asyncio.Protocol):
+    """A connection over the listener's cap: told so in one write, then closed."""
+
+    def __init__(self, what: str) -> None:
+        self._body = json_error(
+            "too_many_connections",
+            f"the {what} has limits.max_client_connections connections open; retry shortly",
+        )
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        head = _TOO_MANY + b"Content-Length: %d\r\n\r\n" % len(self._body)
+        transport.write(head + self._body)
+        transport.close()
+
+
+class BoundedServer(Server):
+    """aiohttp's low-level server making :class:`BoundedRequestHandler` connections, at
+    most ``limits.max_client_connections`` at once."""
+
+    def __init__(self, handler: Handler, *, limits: Limits, what: str, **kwargs: object) -> None:
+        super().__init__(handler, **kwargs)  # type: ignore[arg-type]
+        self.limits = limits
+        self.what = what
+        # Counted when a connection is accepted, not when aiohttp registers it a loop
+        # turn later: a burst of accepts must not slip past the cap.
+        self.open_connections = 0
 
     def __call__(self) -> RequestHandler:
-        return JsonErrorRequestHandler(self, loop=self._loop, **self._kwargs)
+        if self.open_connections >= self.limits.max_client_connections:
+            log.warning(
+                "%s: refused a connection, %d are open (limits.max_client_connections)",
+                self.what,
+                self.open_connections,
+            )
+            return _Refuse(self.what)  # type: ignore[return-value]
+        self.open_connections += 1
+        return BoundedRequestHandler(self, loop=self._loop, **self._kwargs)
 
 
-class ProxyRunner(web.ServerRunner):
-    """Serves :meth:`Proxy.handle` on aiohttp's low-level server: every request goes to
-    the proxy whatever its target (CONNECT's authority form and ``OPTIONS *`` included),
-    without an Application's router and middleware chain. Opens the proxy's upstream
-    connections at setup and closes them at cleanup."""
+class ListenerRunner(web.ServerRunner):
+    """Serves one handler on aiohttp's low-level server: every request goes to it whatever
+    its target (CONNECT's authority form and ``OPTIONS *`` included), without an
+    Application's router and middleware chain. ``resources`` are opened at setup and
+    closed at cleanup, with the server."""
 
-    def __init__(self, proxy: Proxy, *, shutdown_timeout: float, idle_timeout: float) -> None:
-        server = JsonErrorServer(
-            proxy.handle,
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        what: str,
+        limits: Limits,
+        shutdown_timeout: float,
+        header_timeout: float,
+        open: Callable[[], Awaitable[None]] | None = None,
+        close: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        server = BoundedServer(
+            handler,
+            limits=limits,
+            what=what,
             handler_cancellation=True,
             access_log=None,
-            keepalive_timeout=idle_timeout,
+            # A connection must send a complete request head within this, and may stay
+            # idle between requests this long.
+            keepalive_timeout=header_timeout,
             # Request bodies go upstream byte for byte, Content-Encoding and all: the hash
             # is of what is sent, and the function decides what to do with gzip.
             auto_decompress=False,
         )
         super().__init__(server, shutdown_timeout=shutdown_timeout)
-        self.proxy = proxy
+        self._open = open
+        self._close = close
 
     async def _make_server(self) -> Server:
-        await self.proxy.open()
+        if self._open is not None:
+            await self._open()
         return await super()._make_server()
 
     async def _cleanup_server(self) -> None:
         await super()._cleanup_server()
-        await self.proxy.close()
+        if self._close is not None:
+            await self._close()

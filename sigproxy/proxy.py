@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
 import re
+import socket
+import struct
 import time
 from dataclasses import dataclass
 
@@ -17,7 +20,7 @@ from multidict import CIMultiDictProxy
 from yarl import URL
 
 from .canonical import normalize_path, normalize_query, split_target
-from .config import Config, Upstream, is_loopback
+from .config import Config, Upstream
 from .cors import CorsPolicy
 from .credentials import CredentialSource, CredentialStore
 from .errors import (
@@ -26,19 +29,32 @@ from .errors import (
     ExpectationFailed,
     Forbidden,
     NoRoute,
+    OverCapacity,
     ProxyError,
     RequestTimeout,
+    UpstreamBusy,
     UpstreamTimeout,
     UpstreamUnreachable,
     error_response,
     proxy_error_response,
     upstream_failure,
 )
-from .inbound import check_client, check_method, check_origin, check_token
+from .inbound import (
+    HostAllowList,
+    check_client,
+    check_framing,
+    check_host,
+    check_method,
+    check_site,
+    check_token,
+    is_local,
+    is_preflight,
+)
+from .logs import printable
 from .metrics import NO_UPSTREAM, Metrics
 from .routing import Match, Router, hostname
 from .signing import EMPTY_SHA256, SIGNER_CLASSES, BaseSigner
-from .upstream import ConnectError, Origin, UpstreamClient, UpstreamResponse
+from .upstream import ConnectError, Origin, PoolBusy, UpstreamClient, UpstreamResponse
 
 log = logging.getLogger("sigproxy.proxy")
 access_log = logging.getLogger("sigproxy.access")
@@ -93,6 +109,8 @@ class RouteTable:
         self.config = config
         self.credentials = credentials
         self.router = Router(config.upstreams)
+        self.hosts = HostAllowList.for_config(config)
+        self.admin_hosts = HostAllowList.for_config(config, any_ip=True)
         self.targets: dict[str, _Target] = {}
         self.by_host: dict[str, list[Upstream]] = {}
         signer_class = SIGNER_CLASSES[config.signer]
@@ -121,17 +139,37 @@ class RouteTable:
         return None
 
 
+@dataclass(slots=True)
+class _Outcome:
+    """What the access log and the metrics are told about one request."""
+
+    upstream: str = NO_UPSTREAM
+    status: int = 0
+    sent: int = 0
+    received: int = 0
+    upstream_time: float | None = None
+    path: str | None = None
+    error: str | None = None
+    cors: CorsPolicy | None = None
+
+
 class Proxy:
-    """Owns the current route table, the upstream connections and the per-request work."""
+    """Owns the current route table, the upstream connections, the request body memory
+    budget and the per-request work."""
 
     def __init__(self, table: RouteTable, metrics: Metrics) -> None:
         self.table = table
         self.metrics = metrics
+        self.bodies = MemoryBudget(table.config.limits.body_memory_bytes)
         self._client: UpstreamClient | None = None
 
     def swap(self, table: RouteTable) -> None:
-        """Serve new requests from ``table``; requests in flight finish on the old one."""
+        """Serve new requests from ``table``; requests in flight finish on the old one.
+        Pools of upstreams the new table no longer has are closed."""
         self.table = table
+        self.bodies.capacity = table.config.limits.body_memory_bytes
+        if self._client is not None:
+            self._client.retain(t.origin for t in table.targets.values())
 
     async def open(self) -> None:
         """Create the upstream connection pools (TLS verified with the system's CAs)."""
@@ -146,148 +184,223 @@ class Proxy:
         """aiohttp handler for every request on the proxy port."""
         started = time.perf_counter()
         request_id = _request_id(request)
-        m = self.metrics
-        m.in_flight.inc()
-        upstream_name = NO_UPSTREAM
-        status = 0
-        sent = 0
-        body_len = 0
-        upstream_time: float | None = None
-        table = self.table
-        policy: CorsPolicy | None = None
+        self.metrics.in_flight.inc()
+        outcome = _Outcome()
         try:
-            try:
-                config = table.config
-                check_client(request, config)
-                check_method(request, config)
-                if "Expect" in request.headers:
-                    if request.headers["Expect"].lower() != "100-continue":
-                        raise ExpectationFailed("only 'Expect: 100-continue' is supported")
-                    await self.expect(request)
-                match, query = self._route(request, table)
-                upstream = match.upstream
-                upstream_name = upstream.name
-                target = table.targets[upstream_name]
-                policy = target.cors
-                origin = request.headers.get("Origin")
-                if policy is not None and origin is not None and request.method == "OPTIONS":
-                    wanted = request.headers.get("Access-Control-Request-Method")
-                    if wanted is not None:
-                        # A preflight: answered here, never forwarded or signed.
-                        status = 204
-                        return _preflight(policy, origin, wanted, request, request_id)
-                check_origin(request, policy)
-                if config.inbound_auth is not None:
-                    check_token(request, config.inbound_auth)
-                try:
-                    body = _body_at_hand(request, upstream.max_body_bytes)
-                    if body is None:
-                        async with asyncio.timeout(config.client_timeouts.body):
-                            body = await _read_body(request, upstream.max_body_bytes)
-                except TimeoutError:
-                    raise RequestTimeout(
-                        f"the request body did not arrive within "
-                        f"{config.client_timeouts.body:g} seconds"
-                    ) from None
-                body_len = len(body)
-                outgoing = match.path + ("?" + query if query else "")
-                strip = config.inbound_auth.header if config.inbound_auth else None
-                headers = _forward_headers(request, upstream, request_id, strip)
-                if target.credentials is not None:
-                    creds = await target.credentials.get()
-                    t0 = time.perf_counter()
-                    digest = hashlib.sha256(body).hexdigest() if body else EMPTY_SHA256
-                    headers.extend(target.signer.sign(request.method, outgoing, digest, creds))
-                    m.signing_duration.observe(time.perf_counter() - t0)
-                response, status, sent, upstream_time = await self._forward(
-                    request, target, outgoing, headers, body, request_id
-                )
-                return response
-            except ProxyError as exc:
-                status = exc.status
-                m.proxy_errors.labels(exc.reason).inc()
-                if isinstance(exc, UpstreamUnreachable | UpstreamTimeout):
-                    m.upstream_errors.labels(upstream_name, exc.extra.get("kind", "connect")).inc()
-                resp = proxy_error_response(exc, request_id)
-                resp.headers["X-Request-Id"] = request_id
-                if policy is not None and exc.code != "cors_refused":
-                    # So a page allowed to call the upstream can read why it failed.
-                    for name, value in policy.response_headers(request.headers.get("Origin")):
-                        resp.headers.add(name, value)
-                sent = len(resp.body) if isinstance(resp.body, bytes) else 0
-                if isinstance(exc, BodyTooLarge | RequestTimeout):
-                    await _refuse_rest_of_body(request, resp)
-                return resp
-            except (asyncio.CancelledError, ConnectionResetError):
-                status = CLIENT_GONE
-                raise
-            except Exception:
-                status = 500
-                log.exception("request %s: unexpected error", request_id)
-                m.proxy_errors.labels("internal").inc()
-                resp = error_response(
-                    500, "internal_error", "sigproxy failed unexpectedly", request_id
-                )
-                resp.headers["X-Request-Id"] = request_id
-                return resp
+            return await self._proxy(request, self.table, request_id, outcome)
+        except ProxyError as exc:
+            return await self._refuse(request, exc, request_id, outcome)
+        except (asyncio.CancelledError, ConnectionResetError):
+            outcome.status = CLIENT_GONE
+            raise
+        except Exception:
+            outcome.status = 500
+            log.exception("request %s: unexpected error", request_id)
+            self.metrics.proxy_errors.labels("internal").inc()
+            resp = error_response(500, "internal_error", "sigproxy failed unexpectedly", request_id)
+            resp.headers["X-Request-Id"] = request_id
+            return resp
         finally:
-            elapsed = time.perf_counter() - started
-            m.in_flight.dec()
-            m.request_done(upstream_name, request.method, status, elapsed, upstream_time)
-            if body_len or sent:
-                m.bytes_done(upstream_name, body_len, sent)
-            if access_log.isEnabledFor(logging.INFO):
-                upstream_ms = None if upstream_time is None else round(upstream_time * 1000, 1)
-                access_log.info(
-                    "%s %s %s %s %s in=%d out=%d total_ms=%.1f upstream_ms=%s",
-                    request_id,
-                    upstream_name,
-                    request.method,
-                    request.path,
-                    status,
-                    body_len,
-                    sent,
-                    elapsed * 1000,
-                    "-" if upstream_ms is None else upstream_ms,
-                    extra={
-                        "request_id": request_id,
-                        "upstream": upstream_name,
-                        "method": request.method,
-                        "path": request.path,
-                        "status": status,
-                        "bytes_in": body_len,
-                        "bytes_out": sent,
-                        "total_ms": round(elapsed * 1000, 1),
-                        "upstream_ms": upstream_ms,
-                    },
-                )
+            self._account(request, request_id, outcome, time.perf_counter() - started)
 
-    async def expect(self, request: web.BaseRequest) -> None:
-        """Answer ``Expect: 100-continue`` (the handler has checked that is what was
-        asked). A body the route would refuse gets no ``100 Continue``: the handler
-        answers 413 at once and the client never sends it."""
+    async def _proxy(
+        self, request: web.BaseRequest, table: RouteTable, request_id: str, outcome: _Outcome
+    ) -> web.StreamResponse:
+        """Admit, route, read the body, sign, forward, stream the answer back."""
+        config = table.config
+        check_client(request, config)
+        check_host(request, table.hosts)
+        check_method(request, config)
+        check_framing(request)
+        expect = request.headers.get("Expect")
+        if expect is not None and expect.lower() != "100-continue":
+            raise ExpectationFailed("only 'Expect: 100-continue' is supported")
+        if is_preflight(request):
+            # Browsers send preflights without credentials: answered here, before the
+            # token, never forwarded or signed, and telling nothing about other routes.
+            outcome.status = 204
+            return self._preflight(request, table, request_id, outcome)
+        if config.inbound_auth is not None:
+            check_token(request, config.inbound_auth)
+        match, query = self._route(request, table, outcome)
+        upstream = match.upstream
+        outcome.upstream = upstream.name
+        target = table.targets[upstream.name]
+        outcome.cors = target.cors
+        check_site(request, target.cors, allow_navigation=config.allow_cross_site_navigation)
+
+        body, held = await self._receive(request, upstream.max_body_bytes, config)
+        try:
+            outcome.received = len(body)
+            outgoing = match.path + ("?" + query if query else "")
+            strip = config.inbound_auth.header if config.inbound_auth else None
+            headers = _forward_headers(request, upstream, request_id, strip)
+            if target.credentials is not None:
+                creds = await target.credentials.get()
+                t0 = time.perf_counter()
+                digest = hashlib.sha256(body).hexdigest() if body else EMPTY_SHA256
+                headers.extend(target.signer.sign(request.method, outgoing, digest, creds))
+                self.metrics.signing_duration.observe(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            up = await self._send(target, request.method, outgoing, headers, body)
+            outcome.upstream_time = time.perf_counter() - t0
+        finally:
+            # The body has gone upstream: its memory is free for others while the
+            # answer streams back, which may take minutes.
+            self.bodies.release(held)
+            del body
+        try:
+            return await self._relay(request, target, up, request_id, outcome)
+        finally:
+            up.release()
+
+    async def _refuse(
+        self, request: web.BaseRequest, exc: ProxyError, request_id: str, outcome: _Outcome
+    ) -> web.StreamResponse:
+        outcome.status = exc.status
+        outcome.error = exc.code
+        self.metrics.proxy_errors.labels(exc.reason).inc()
+        if isinstance(exc, UpstreamUnreachable | UpstreamTimeout):
+            kind = exc.extra.get("kind", "connect")
+            self.metrics.upstream_errors.labels(outcome.upstream, kind).inc()
+        resp = proxy_error_response(exc, request_id)
+        resp.headers["X-Request-Id"] = request_id
+        if outcome.cors is not None and exc.code != "cors_refused":
+            # So a page allowed to call the upstream can read why it failed.
+            for name, value in outcome.cors.response_headers(request.headers.get("Origin")):
+                resp.headers.add(name, value)
+        outcome.sent = len(resp.body) if isinstance(resp.body, bytes) else 0
+        if exc.closes or (request.body_exists and not request.content.is_eof()):
+            # Refused before its body was read (or while it was): nothing more is taken
+            # from this client, and the connection closes after the answer.
+            await _refuse_rest_of_body(request, resp)
+        return resp
+
+    def _account(
+        self, request: web.BaseRequest, request_id: str, outcome: _Outcome, elapsed: float
+    ) -> None:
+        """Metrics and the access log line for one finished request."""
+        m = self.metrics
+        m.in_flight.dec()
+        m.request_done(
+            outcome.upstream, request.method, outcome.status, elapsed, outcome.upstream_time
+        )
+        if outcome.received or outcome.sent:
+            m.bytes_done(outcome.upstream, outcome.received, outcome.sent)
+        if not access_log.isEnabledFor(logging.INFO):
+            return
+        raw = printable(split_target(request.raw_path)[0])
+        path = raw if outcome.path is None else outcome.path
+        upstream_ms = (
+            None if outcome.upstream_time is None else round(outcome.upstream_time * 1000, 1)
+        )
+        access_log.info(
+            "%s %s %s %s %s in=%d out=%d total_ms=%.1f upstream_ms=%s%s%s",
+            request_id,
+            outcome.upstream,
+            printable(request.method),
+            path,
+            outcome.status,
+            outcome.received,
+            outcome.sent,
+            elapsed * 1000,
+            "-" if upstream_ms is None else upstream_ms,
+            "" if raw == path else f" raw={raw}",
+            "" if outcome.error is None else f" error={outcome.error}",
+            extra={
+                "request_id": request_id,
+                "upstream": outcome.upstream,
+                "method": request.method,
+                "path": path,
+                "raw_path": raw,
+                "status": outcome.status,
+                "bytes_in": outcome.received,
+                "bytes_out": outcome.sent,
+                "total_ms": round(elapsed * 1000, 1),
+                "upstream_ms": upstream_ms,
+                "error": outcome.error,
+            },
+        )
+
+    def _preflight(
+        self, request: web.BaseRequest, table: RouteTable, request_id: str, outcome: _Outcome
+    ) -> web.Response:
+        try:
+            match, _ = self._route(request, table, outcome)
+        except ProxyError:
+            raise Forbidden(
+                "CORS preflight refused: no upstream with a CORS policy serves this path",
+                code="cors_refused",
+            ) from None
+        outcome.upstream = match.upstream.name
+        policy = table.targets[match.upstream.name].cors
+        if policy is None:
+            raise Forbidden(
+                "CORS preflight refused: this upstream has no cors section", code="cors_refused"
+            )
+        return _preflight(policy, request, request_id)
+
+    async def _receive(
+        self, request: web.BaseRequest, limit: int, config: Config
+    ) -> tuple[bytes, int]:
+        """The whole request body and the bytes of the memory budget it holds (the
+        caller releases them). ``100 Continue`` is sent only now, when the body is
+        wanted: after admission, routing and the length check."""
         length = request.content_length
+        if length is not None and length > limit:
+            raise BodyTooLarge(
+                f"request body of {length} bytes is over the limit of {limit} bytes",
+                limit=limit,
+            )
+        if not request.body_exists:
+            return b"", 0
+        budget = self.bodies
+        held = 0
         if length is not None:
-            try:
-                match, _ = self._route(request, self.table)
-            except ProxyError:
-                return  # the handler answers 400, 403 or 404
-            if length > match.upstream.max_body_bytes:
-                return  # the handler answers 413
-        if request.version >= (1, 1):
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            request.writer.output_size = 0
+            if not budget.take(length):
+                raise _over_capacity()
+            held = length
+        try:
+            content = request.content
+            if length is not None and content.is_eof():
+                return content.read_nowait(), held  # it came with the request head
+            if "Expect" in request.headers and request.version >= (1, 1):
+                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                request.writer.output_size = 0
+            chunks: list[bytes] = []
+            size = 0
+            async with asyncio.timeout(config.client_timeouts.body):
+                async for chunk in content.iter_any():
+                    size += len(chunk)
+                    if size > limit:
+                        raise BodyTooLarge(
+                            f"request body is over the limit of {limit} bytes", limit=limit
+                        )
+                    if size > held:  # chunked: the budget is taken as the body arrives
+                        if not budget.take(size - held):
+                            raise _over_capacity()
+                        held = size
+                    chunks.append(chunk)
+            return b"".join(chunks), held
+        except TimeoutError:
+            budget.release(held)
+            raise RequestTimeout(
+                f"the request body did not arrive within {config.client_timeouts.body:g} seconds"
+            ) from None
+        except BaseException:
+            budget.release(held)
+            raise
 
-    def _target_of(self, request: web.BaseRequest) -> tuple[str, str]:
-        raw_path, raw_query = split_target(request.raw_path)
-        return normalize_path(raw_path), normalize_query(raw_query)
-
-    def _route(self, request: web.BaseRequest, table: RouteTable) -> tuple[Match, str]:
+    def _route(
+        self, request: web.BaseRequest, table: RouteTable, outcome: _Outcome
+    ) -> tuple[Match, str]:
         """The upstream and canonical path for a request in origin form (reverse proxy)
         or absolute form (``GET http://<function url host>/path``: forward proxy)."""
         raw = request.raw_path
         if raw.startswith("/"):
-            path, query = self._target_of(request)
+            raw_path, raw_query = split_target(raw)
+            path = outcome.path = normalize_path(raw_path)
+            query = normalize_query(raw_query)
             match = table.router.match(request.host, path)
             if match is None:
                 raise NoRoute(
@@ -307,11 +420,12 @@ class Proxy:
         authority, slash, remainder = rest.partition("/")
         host = hostname(authority)
         raw_path, raw_query = split_target("/" + remainder if slash else "/")
-        path, query = normalize_path(raw_path), normalize_query(raw_query)
+        path = outcome.path = normalize_path(raw_path)
+        query = normalize_query(raw_query)
         match = table.forward_match(host, path)
         if match is not None:
             return match, query
-        if _is_local(host):
+        if is_local(host):
             # An absolute-form request for the proxy itself: route it as a path.
             local = table.router.match(request.host, path)
             if local is not None:
@@ -322,75 +436,94 @@ class Proxy:
                 prefixes=list(table.router.prefixes),
             )
         raise Forbidden(
-            f"sigproxy only forwards to the hosts of its upstream table; {host} is not one",
+            "sigproxy only forwards to the hosts of its upstream table; this host is not one",
             code="host_not_allowed",
         )
 
-    async def _forward(
+    async def _send(
         self,
-        request: web.BaseRequest,
         target: _Target,
+        method: str,
         outgoing: str,
         headers: list[tuple[str, str]],
         body: bytes,
-        request_id: str,
-    ) -> tuple[web.StreamResponse, int, int, float]:
+    ) -> UpstreamResponse:
+        """Send the signed request; returns once the response head has arrived."""
         assert self._client is not None, "Proxy.open() was not called"
         upstream = target.upstream
-        t0 = time.perf_counter()
         try:
-            up = await self._client.request(
+            return await self._client.request(
                 target.origin,
-                request.method,
+                method,
                 outgoing,
                 headers,
                 body,
                 connect_timeout=upstream.timeout.connect,
                 read_timeout=upstream.timeout.read,
             )
+        except PoolBusy as exc:
+            raise UpstreamBusy(
+                f"all {upstream.max_connections} connections to upstream {upstream.name!r} "
+                "are in use and "
+                + (
+                    "too many requests are waiting for one"
+                    if exc.why == "queue_full"
+                    else f"none came free within {upstream.timeout.connect:g} seconds"
+                ),
+                upstream=upstream.name,
+            ) from exc
         except (TimeoutError, aiohttp.ClientError, HttpProcessingError, ConnectError) as exc:
             raise upstream_failure(exc, upstream.name) from exc
-        try:
-            upstream_time = time.perf_counter() - t0
-            length = up.content_length
-            sized = length is not None and "Transfer-Encoding" not in up.headers
-            whole = (
-                sized
-                and request.method != "HEAD"
-                and up.status not in (204, 304)
-                and up.content.is_eof()
-            )
-            response: web.StreamResponse
-            if whole:
-                # The body came with the head: send it with the headers in one write,
-                # where a streamed response costs a write for each.
-                response = web.Response(status=up.status, reason=up.reason)
-            else:
-                response = web.StreamResponse(status=up.status, reason=up.reason)
-            _copy_response_headers(up.headers, response, request_id, target.cors is not None)
-            if target.cors is not None:
-                for name, value in target.cors.response_headers(request.headers.get("Origin")):
-                    response.headers.add(name, value)
-            response.headers["X-Request-Id"] = request_id
-            if whole:
-                assert isinstance(response, web.Response)
-                response.body = up.content.read_nowait()
-                try:
-                    await response.prepare(request)
-                    await response.write_eof()
-                except ConnectionError:
-                    return response, CLIENT_GONE, 0, upstream_time
-                return response, up.status, len(response.body), upstream_time
-            if sized:
-                response.content_length = length
+
+    async def _relay(
+        self,
+        request: web.BaseRequest,
+        target: _Target,
+        up: UpstreamResponse,
+        request_id: str,
+        outcome: _Outcome,
+    ) -> web.StreamResponse:
+        """Send the upstream's answer to the client: at once when it is whole in memory,
+        else streamed as it arrives."""
+        length = up.content_length
+        sized = length is not None and "Transfer-Encoding" not in up.headers
+        whole = (
+            sized
+            and request.method != "HEAD"
+            and up.status not in (204, 304)
+            and up.content.is_eof()
+        )
+        # The upstream's reason phrase is not passed on: the status says it all, and a
+        # phrase with control bytes would not survive the trip.
+        # A body that came with the head goes out with the headers in one write, where a
+        # streamed response costs a write for each.
+        response = (web.Response if whole else web.StreamResponse)(status=up.status)
+        _copy_response_headers(up.headers, response, request_id, target.cors is not None)
+        if target.cors is not None:
+            for name, value in target.cors.response_headers(request.headers.get("Origin")):
+                response.headers.add(name, value)
+        response.headers["X-Request-Id"] = request_id
+        outcome.status = CLIENT_GONE
+        if whole:
+            assert isinstance(response, web.Response)
+            response.body = up.content.read_nowait()
             try:
                 await response.prepare(request)
+                await response.write_eof()
             except ConnectionError:
-                return response, CLIENT_GONE, 0, upstream_time
-            sent, status = await self._stream(request, up, response, upstream.name, request_id)
-            return response, status, sent, upstream_time
-        finally:
-            up.release()
+                return response
+            outcome.status, outcome.sent = up.status, len(response.body)
+            return response
+        if sized:
+            response.content_length = length
+        try:
+            await response.prepare(request)
+        except ConnectionError:
+            return response
+        outcome.sent, outcome.status = await self._stream(
+            request, up, response, target.upstream.name, request_id
+        )
+        return response
 
     async def _stream(
         self,
@@ -407,7 +540,7 @@ class Proxy:
             try:
                 chunk = await content.readany()
             except (TimeoutError, aiohttp.ClientError) as exc:
-                # Headers are out; the only honest signal left is a cut connection, so
+                # Headers are out; the only honest signal left is a reset connection, so
                 # the client never mistakes a truncated body for a whole one.
                 kind = upstream_failure(exc, upstream).extra["kind"]
                 self.metrics.upstream_errors.labels(upstream, kind).inc()
@@ -418,8 +551,7 @@ class Proxy:
                     sent,
                     kind,
                 )
-                if request.transport is not None:
-                    request.transport.abort()
+                _reset(request)
                 return sent, up.status
             if not chunk:
                 break
@@ -436,13 +568,53 @@ class Proxy:
         return sent, up.status
 
 
-def _is_local(host: str) -> bool:
-    return is_loopback(host.strip("[]"))
+class MemoryBudget:
+    """Bytes of request bodies held in memory at once, process-wide. Taking is
+    all-or-nothing: a request that would go over is refused, never queued."""
+
+    __slots__ = ("capacity", "used")
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+
+    def take(self, size: int) -> bool:
+        if self.used + size > self.capacity:
+            return False
+        self.used += size
+        return True
+
+    def release(self, size: int) -> None:
+        self.used -= size
 
 
-def _preflight(
-    policy: CorsPolicy, origin: str, method: str, request: web.BaseRequest, request_id: str
-) -> web.Response:
+def _over_capacity() -> OverCapacity:
+    return OverCapacity(
+        "sigproxy is holding as many request bodies in memory as limits.body_memory_bytes "
+        "allows; retry shortly"
+    )
+
+
+_LINGER_ZERO = struct.pack("ii", 1, 0)
+
+
+def _reset(request: web.BaseRequest) -> None:
+    """Cut the client's connection with a reset (RST), which every client reads as an
+    error; a plain close (FIN) would end an HTTP/1.0 or close-delimited body as if it
+    were whole."""
+    transport = request.transport
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+    transport.abort()
+
+
+def _preflight(policy: CorsPolicy, request: web.BaseRequest, request_id: str) -> web.Response:
+    origin = request.headers["Origin"]
+    method = request.headers["Access-Control-Request-Method"]
     wanted = request.headers.get("Access-Control-Request-Headers", "").split(",")
     granted = policy.preflight(origin, method, wanted)
     if isinstance(granted, str):
@@ -457,7 +629,14 @@ def _origin(upstream: Upstream) -> Origin:
     url = URL(upstream.origin)
     assert url.host is not None
     assert url.port is not None
-    return Origin(upstream.scheme, url.host, url.port)
+    return Origin(
+        upstream.scheme,
+        url.host,
+        url.port,
+        name=upstream.name,
+        max_connections=upstream.max_connections,
+        idle_timeout=upstream.timeout.idle,
+    )
 
 
 def _request_id(request: web.BaseRequest) -> str:
@@ -467,40 +646,8 @@ def _request_id(request: web.BaseRequest) -> str:
     return os.urandom(16).hex()
 
 
-def _body_at_hand(request: web.BaseRequest, limit: int) -> bytes | None:
-    """The body when it is already whole in memory (it came with the request head), or
-    None when it has to be read."""
-    if not request.body_exists:
-        return b""
-    content = request.content
-    length = request.content_length
-    if length is not None and length <= limit and content.is_eof():
-        return content.read_nowait()
-    return None
-
-
-async def _read_body(request: web.BaseRequest, limit: int) -> bytes:
-    """The whole request body, or :class:`BodyTooLarge` as soon as it passes ``limit``."""
-    length = request.content_length
-    if length is not None and length > limit:
-        raise BodyTooLarge(
-            f"request body of {length} bytes is over the limit of {limit} bytes",
-            limit=limit,
-        )
-    if not request.body_exists:
-        return b""
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(f"request body is over the limit of {limit} bytes", limit=limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 async def _refuse_rest_of_body(request: web.BaseRequest, resp: web.StreamResponse) -> None:
-    """Send the 413 and close the connection without reading the rest of the body.
+    """Send the refusal and close the connection without reading the rest of the body.
 
     aiohttp would otherwise do a lingering close, reading and discarding up to 10 s of
     the upload. The response is flushed before the socket closes.
