@@ -26,17 +26,19 @@ def k8s_docs(name: str) -> list[dict[str, Any]]:
 def test_kubernetes_configmap_loads_and_drain_fits(name: str) -> None:
     docs = k8s_docs(name)
     (configmap,) = [d for d in docs if d["kind"] == "ConfigMap"]
-    config = parse_config(configmap["data"]["sigproxy.yaml"], environ={"SIGPROXY_TOKEN": "t" * 32})
-    assert config.admin is not None
-    assert config.admin.host == "0.0.0.0"  # the kubelet probes the pod IP
     (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
     pod = deployment["spec"]["template"]["spec"]
-    assert pod["terminationGracePeriodSeconds"] > config.grace_period
-    assert pod["securityContext"]["runAsNonRoot"] is True
     proxies = [
         c for c in pod.get("initContainers", []) + pod["containers"] if "sigproxy" in c["image"]
     ]
     (proxy,) = proxies
+    # Every ${VAR} the config reads is one the container's env provides.
+    environ = {e["name"]: "t" * 32 for e in proxy.get("env", [])}
+    config = parse_config(configmap["data"]["sigproxy.yaml"], environ=environ)
+    assert config.admin is not None
+    assert config.admin.host == "0.0.0.0"  # the kubelet probes the pod IP
+    assert pod["terminationGracePeriodSeconds"] > config.grace_period
+    assert pod["securityContext"]["runAsNonRoot"] is True
     assert proxy["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert proxy["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert proxy["securityContext"]["readOnlyRootFilesystem"] is True
@@ -47,8 +49,17 @@ def test_kubernetes_configmap_loads_and_drain_fits(name: str) -> None:
     else:
         assert config.inbound_auth is not None
         assert config.inbound_auth.tokens == ("t" * 32,)
-        (env,) = proxy["env"]
-        assert env["valueFrom"]["secretKeyRef"]["name"] == "sigproxy-inbound"
+        env = {e["name"]: e["valueFrom"] for e in proxy["env"]}
+        assert env["SIGPROXY_TOKEN"]["secretKeyRef"]["name"] == "sigproxy-inbound"
+        assert env["POD_NAMESPACE"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+        # Callers use the Service's names: each is an allowed Host (DNS rebinding guard).
+        (service,) = [d for d in docs if d["kind"] == "Service"]
+        short = service["metadata"]["name"]
+        assert {short, f"{short}.{'t' * 32}.svc.cluster.local"} <= set(config.allowed_hosts)
+        # The admin port is not open to every source.
+        (policy,) = [d for d in docs if d["kind"] == "NetworkPolicy"]
+        for rule in policy["spec"]["ingress"]:
+            assert rule.get("from"), rule
     (account,) = [d for d in docs if d["kind"] == "ServiceAccount"]
     assert account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].startswith(
         "arn:aws:iam::"
@@ -68,6 +79,10 @@ def test_compose_config_loads() -> None:
     assert any(v.endswith("sigproxy.yaml:ro") for v in service["volumes"])
     assert service["read_only"] is True
     assert int(service["stop_grace_period"].rstrip("s")) > config.grace_period
+    # The app calls the proxy by its service name: that Host must be allowed.
+    app_command = " ".join(compose["services"]["app"]["command"])
+    assert "http://sigproxy:8080/" in app_command
+    assert "sigproxy" in config.allowed_hosts
 
 
 def test_systemd_unit() -> None:

@@ -211,7 +211,9 @@ async def test_oversized_content_length_is_refused_before_the_body(
     """A 10 GB Content-Length is answered at once: the proxy does not wait for the body."""
     proxy = await start_proxy(one_upstream(upstream.port))
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-    writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000000\r\n\r\n" + b"x" * 1000)
+    writer.write(
+        b"POST / HTTP/1.1\r\nHost: localhost\r\nContent-Length: 10000000000\r\n\r\n" + b"x" * 1000
+    )
     await writer.drain()
     resp = await asyncio.wait_for(read_response(reader), 10)
     writer.close()
@@ -322,7 +324,7 @@ async def test_client_gone_cancels_upstream_request(
     upstream.answer = answer
     proxy = await start_proxy(one_upstream(upstream.port))
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-    writer.write(b"GET /long HTTP/1.1\r\nHost: x\r\n\r\n")
+    writer.write(b"GET /long HTTP/1.1\r\nHost: localhost\r\n\r\n")
     await writer.drain()
     await asyncio.wait_for(started.wait(), 10)
     writer.close()
@@ -352,7 +354,7 @@ async def test_client_gone_mid_stream_stops_upstream(
     upstream.answer = answer
     proxy = await start_proxy(one_upstream(upstream.port))
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-    writer.write(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+    writer.write(b"GET /stream HTTP/1.1\r\nHost: localhost\r\n\r\n")
     await writer.drain()
     await reader.readexactly(200_000)
     writer.close()
@@ -377,14 +379,14 @@ async def test_upstream_dies_mid_stream_cuts_client_connection(
     try:
         proxy = await start_proxy(one_upstream(port))
         async with aiohttp.ClientSession() as session:
-            with pytest.raises(aiohttp.ClientPayloadError):
+            with pytest.raises((aiohttp.ClientPayloadError, aiohttp.ClientOSError)):
                 async with session.get(proxy.url + "/") as resp:
                     assert resp.status == 200
                     await resp.read()
-        # Still serving: a second request gets the same cut-short answer, over a raw socket.
-        with pytest.raises(asyncio.IncompleteReadError) as info:
+        # Still serving: a second request gets the same cut-short answer, over a raw
+        # socket: the connection is reset, not closed as if the body were whole.
+        with pytest.raises(ConnectionResetError):
             await raw_request(proxy.port, "GET", "/")
-        assert info.value.partial == b"x" * 100
     finally:
         server.close()
         await server.wait_closed()
@@ -395,7 +397,7 @@ async def test_expect_continue(upstream: FakeFunctionUrl, start_proxy: StartProx
     # Within the limit: 100 Continue, then the body is read, signed and forwarded.
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
     writer.write(
-        b"POST /ok HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+        b"POST /ok HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
     )
     await writer.drain()
     interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
@@ -410,7 +412,7 @@ async def test_expect_continue(upstream: FakeFunctionUrl, start_proxy: StartProx
     # Over the limit: no 100 Continue, a 413 at once, the body never sent.
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
     writer.write(
-        b"POST /big HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\nExpect: 100-continue\r\n\r\n"
+        b"POST /big HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5000\r\nExpect: 100-continue\r\n\r\n"
     )
     await writer.drain()
     resp = await asyncio.wait_for(read_response(reader), 10)
@@ -429,7 +431,9 @@ async def test_head_keeps_length_without_body(
     upstream.answer = answer
     proxy = await start_proxy(one_upstream(upstream.port))
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-    writer.write(b"HEAD /thing HTTP/1.1\r\nHost: x\r\n\r\nGET /after HTTP/1.1\r\nHost: x\r\n\r\n")
+    writer.write(
+        b"HEAD /thing HTTP/1.1\r\nHost: localhost\r\n\r\nGET /after HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    )
     await writer.drain()
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
     assert head.startswith(b"HTTP/1.1 200")

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from sigproxy.config import parse_config
 from sigproxy.cors import CorsConfig, CorsPolicy
 from sigproxy.errors import ConfigError
+from sigproxy.inbound import HostAllowList
 
 from .conftest import StartProxy, one_upstream
 from .support import FakeFunctionUrl, Recorded, raw_request, read_response, verify_sigv4
@@ -39,6 +40,63 @@ CORS = (
     "allow_methods: [GET, POST, PUT], allow_headers: [content-type, x-custom], "
     "expose_headers: [x-request-id], max_age: 300}"
 )
+
+
+# --- Host names (DNS rebinding) ---------------------------------------------------------
+
+HOSTS_CONFIG = """
+listen: {host: proxy.internal, port: 8080}
+allow_unauthenticated: true
+allowed_hosts: [sigproxy, "*.svc.cluster.local", 10.0.0.7]
+upstreams:
+  - {name: a, url: 'http://127.0.0.1:1', region: us-east-1, host: orders.localhost}
+  - {name: b, url: 'http://127.0.0.1:1', region: us-east-1, path_prefix: /b}
+"""
+
+
+@pytest.mark.parametrize(
+    ("host", "allowed", "admin"),
+    [
+        ("localhost", True, True),
+        ("127.0.0.1", True, True),
+        ("127.8.9.10", True, True),
+        ("[::1]", True, True),
+        ("proxy.internal", True, True),  # listen.host
+        ("orders.localhost", True, True),  # an upstream's host:
+        ("sigproxy", True, True),
+        ("a.svc.cluster.local", True, True),
+        ("a.b.svc.cluster.local", True, True),
+        ("svc.cluster.local", False, False),  # the pattern is for names under it
+        ("evilsvc.cluster.local", False, False),
+        ("10.0.0.7", True, True),
+        ("10.0.0.8", False, True),  # the admin listener takes any address
+        ("[fd00::1]", False, True),
+        ("localhost.evil.example", False, False),
+        ("127.0.0.1.nip.io", False, False),
+        ("rebind.attacker.example", False, False),
+        ("0.0.0.0", False, True),
+        ("", False, False),
+    ],
+)
+def test_host_allow_list(host: str, allowed: bool, admin: bool) -> None:
+    config = parse_config(HOSTS_CONFIG)
+    assert HostAllowList.for_config(config).allows(host) is allowed
+    assert HostAllowList.for_config(config, any_ip=True).allows(host) is admin
+
+
+def test_star_allows_any_host_only_with_a_token() -> None:
+    with pytest.raises(ConfigError, match=r"allowed_hosts.*inbound_auth"):
+        parse_config('allowed_hosts: ["*"]\n' + one_upstream(1))
+    config = parse_config(
+        f'allowed_hosts: ["*"]\ninbound_auth: {{tokens: [{TOKEN}]}}\n' + one_upstream(1)
+    )
+    assert HostAllowList.for_config(config).allows("anything.example")
+
+
+@pytest.mark.parametrize("bad", ["host:8080", "http://x", "a b", "*.", "**.x", "x/y"])
+def test_allowed_hosts_must_be_names(bad: str) -> None:
+    with pytest.raises(ConfigError, match=r"allowed_hosts\[0\]"):
+        parse_config(f"allowed_hosts: ['{bad}']\n" + one_upstream(1))
 
 
 # --- CORS policy ----------------------------------------------------------------------
@@ -108,7 +166,7 @@ async def test_preflight_is_answered_locally(
             "http://evil.example",
             "POST",
             "content-type",
-            "origin http://evil.example is not allowed",
+            "the page's origin is not in cors.allow_origins",
         ),
         ("http://localhost:3000", "DELETE", "", "method DELETE is not allowed"),
         ("http://localhost:3000", "POST", "x-secret", "request header(s) x-secret not allowed"),
@@ -190,7 +248,11 @@ async def test_credentials_policy_echoes_the_origin(
         ([("Origin", "http://evil.example")], False),
         ([("Origin", "null")], False),
         ([("Sec-Fetch-Site", "cross-site"), ("Sec-Fetch-Mode", "no-cors")], False),
-        ([("Sec-Fetch-Site", "cross-site"), ("Sec-Fetch-Mode", "navigate")], True),
+        # A link on another site: it would make the proxy sign a GET for that site.
+        ([("Sec-Fetch-Site", "cross-site"), ("Sec-Fetch-Mode", "navigate")], False),
+        ([("Sec-Fetch-Site", "same-site"), ("Sec-Fetch-Mode", "cors")], False),
+        ([("Referer", "http://evil.example/page")], False),  # an older Safari
+        ([("Referer", "http://127.0.0.1:{proxy}/page")], True),
         ([("Sec-Fetch-Site", "none"), ("Sec-Fetch-Mode", "navigate")], True),
         ([("Origin", "http://127.0.0.1:{proxy}")], True),  # same origin
         ([], True),  # curl, Postman, app code
@@ -376,7 +438,7 @@ async def test_curl_with_the_proxy_as_http_proxy(
 async def test_slow_body_is_408(upstream: FakeFunctionUrl, start_proxy: StartProxy) -> None:
     proxy = await start_proxy("client_timeouts: {body: 0.5}\n" + one_upstream(upstream.port))
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-    writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc")
+    writer.write(b"POST / HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\nabc")
     await writer.drain()
     resp = await asyncio.wait_for(read_response(reader), 10)
     writer.close()
@@ -392,7 +454,7 @@ async def test_slow_headers_are_cut_off(upstream: FakeFunctionUrl, tmp_path: Pat
     async with serve_process(path) as served:
         reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
         started = time.monotonic()
-        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        writer.write(b"GET / HTTP/1.1\r\nHost: localhost\r\n")
         with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
             for _ in range(10):
                 await asyncio.sleep(0.5)

@@ -216,7 +216,8 @@ async def serve_process(
                 raise AssertionError("sigproxy exited before listening:\n" + "".join(lines))
             line = raw.decode()
             lines.append(line)
-            m = re.search(r"(sigproxy|admin) listening on http://127\.0\.0\.1:(\d+)", line)
+            # Any address (0.0.0.0, [::]): the tests connect to 127.0.0.1 all the same.
+            m = re.search(r"(sigproxy|admin) listening on http://(?:\[[^\]]*\]|[^/:]+):(\d+)", line)
             if m and m.group(1) == "sigproxy":
                 port = int(m.group(2))
             elif m:
