@@ -8,6 +8,7 @@ import dataclasses
 import gc
 import logging
 import os
+import resource
 import signal
 import socket
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -170,6 +171,7 @@ class Server:
         # garbage (botocore sessions hold cycles) is frozen with it.
         gc.collect()
         gc.freeze()
+        raise_open_files_limit()
         await _listen(self._runner, config.listen.host, config.listen.port, "sigproxy", self._sock)
         if config.admin is not None:
             self._admin = make_admin_runner(self.proxy, self.state)
@@ -280,6 +282,20 @@ async def serve(
     server = Server(config, credentials, load=load, sockets=sockets, notifier=notifier)
     server.on_ready = on_ready
     await server.run(parent=os.getppid() if sockets is not None else None)
+
+
+def raise_open_files_limit() -> None:
+    """Every client connection may hold an upstream one too: a soft limit of 1,024 open
+    files (systemd's default) would run out long before limits.max_client_connections.
+    Raised to the hard limit, as Go's runtime does; never lowered."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("cannot raise the open files limit from %d: %s", soft, exc)
 
 
 async def _watch_parent(parent: int, stop: asyncio.Event) -> None:

@@ -9,6 +9,7 @@ import hashlib
 import logging
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -291,6 +292,28 @@ async def test_sigterm_lets_a_request_in_flight_finish(
         resp = await asyncio.wait_for(pending, 10)
         assert (resp.status, resp.body) == (200, b"finished")
         assert await served.stop() == 0
+
+
+async def test_open_files_limit_is_raised_to_the_hard_limit(
+    upstream: FakeFunctionUrl, tmp_path: Path
+) -> None:
+    """Under systemd's default soft limit of 1,024 files, 1,024 clients each holding an
+    upstream connection would run out of descriptors: serve raises it to the hard limit."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 256:
+        pytest.skip("the hard limit is too low to see a change")
+    before = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # inherited by the child
+    try:
+        path = write(tmp_path, one_upstream(upstream.port))
+        async with serve_process(path) as served:
+            limits = Path(f"/proc/{served.proc.pid}/limits").read_text()
+            (line,) = [x for x in limits.splitlines() if x.startswith("Max open files")]
+            child_soft, child_hard = line.split()[3:5]
+            assert child_soft == child_hard != "256", line
+            assert await served.stop() == 0
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, before)
 
 
 async def test_port_in_use_exits_2(tmp_path: Path) -> None:
