@@ -14,10 +14,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+from .hosts import hostname
 from .metrics import Metrics
 from .protocol import Handler
 from .proxy import Proxy, RouteTable
-from .routing import hostname
 
 # /readyz wants credentials that stay valid at least this long.
 MIN_CREDENTIAL_SECONDS = 60.0

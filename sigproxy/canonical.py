@@ -23,7 +23,7 @@ Rules:
   (AWS canonicalises it that way); empty ``&&`` pieces are dropped; order and repeated
   keys are kept.
 * Control characters and malformed escapes (``%zz``, a lone ``%``) cannot be represented
-  faithfully and raise :class:`~sigproxy.errors.BadRequest`.
+  faithfully and raise :class:`InvalidTarget`.
 """
 
 from __future__ import annotations
@@ -32,8 +32,6 @@ import re
 import string
 from urllib.parse import unquote_to_bytes
 
-from .errors import BadRequest
-
 _UNRESERVED_BYTES = frozenset((string.ascii_letters + string.digits + "-._~").encode())
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 # An escape, or a run of characters that may not stand bare in a path segment (RFC 3986
@@ -41,6 +39,10 @@ _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _SEGMENT_FIX = re.compile(r"%([0-9A-Fa-f]{2})|([^A-Za-z0-9\-._~!$&'()*+,;=:@%]+)")
 _ESCAPE_TABLE = [chr(b) if b in _UNRESERVED_BYTES else f"%{b:02X}" for b in range(256)]
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class InvalidTarget(ValueError):
+    """A request target that cannot be sent faithfully (the message says why)."""
 
 
 def split_target(raw_target: str) -> tuple[str, str]:
@@ -61,7 +63,7 @@ def quote(data: bytes) -> str:
 def _percent_decode(text: str, *, plus_is_space: bool) -> bytes:
     """Decode %XX escapes (and optionally ``+``) into bytes; bare characters as UTF-8."""
     if _BAD_ESCAPE.search(text):
-        raise BadRequest("malformed percent-encoding in the query string")
+        raise InvalidTarget("malformed percent-encoding in the query string")
     if plus_is_space:
         text = text.replace("+", " ")
     # The HTTP parser hands undecodable bytes over as surrogate escapes; they stand for
@@ -72,9 +74,9 @@ def _percent_decode(text: str, *, plus_is_space: bool) -> bytes:
 def normalize_path(raw_path: str) -> str:
     """Return the canonical form of an origin-form path (see the module docstring)."""
     if not raw_path.startswith("/"):
-        raise BadRequest("the request target must be a path starting with '/'")
+        raise InvalidTarget("the request target must be a path starting with '/'")
     if _CONTROL.search(raw_path):
-        raise BadRequest("control characters in the request path")
+        raise InvalidTarget("control characters in the request path")
     segments: list[str] = []
     for raw_segment in raw_path.split("/"):
         if not raw_segment:
@@ -99,7 +101,7 @@ def normalize_path(raw_path: str) -> str:
 
 def _normalize_segment(segment: str) -> str:
     if _BAD_ESCAPE.search(segment):
-        raise BadRequest("malformed percent-encoding in the request path")
+        raise InvalidTarget("malformed percent-encoding in the request path")
     return _SEGMENT_FIX.sub(_fix_segment_part, segment)
 
 
@@ -116,7 +118,7 @@ def normalize_query(raw_query: str) -> str:
     if not raw_query:
         return ""
     if _CONTROL.search(raw_query):
-        raise BadRequest("control characters in the query string")
+        raise InvalidTarget("control characters in the query string")
     pairs: list[str] = []
     for piece in raw_query.split("&"):
         if not piece:

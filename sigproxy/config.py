@@ -21,9 +21,10 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from .canonical import normalize_path
+from .canonical import InvalidTarget, normalize_path
 from .cors import CorsConfig
-from .errors import BadRequest, ConfigError
+from .errors import ConfigError
+from .hosts import is_loopback
 
 DEFAULT_MAX_BODY_BYTES = 6 * 1024 * 1024  # Function URL request payload limit
 # Eight bodies of the Function URL limit: each costs about twice its size while it is
@@ -476,7 +477,7 @@ def check_exposure(config: Config) -> None:
     """Refuse a config that would let others use the proxy without a token. Run on every
     config that is about to be served: after command-line overrides, and on reload against
     the address actually listened on."""
-    exposed = not is_loopback(config.listen.host.strip("[]"))
+    exposed = not is_loopback(config.listen.host)
     if exposed and config.inbound_auth is None and not config.allow_unauthenticated:
         raise ConfigError(
             "listen.host",
@@ -688,8 +689,8 @@ def _build_upstream(s: Section) -> Upstream:
         raise ConfigError(s.at("path_prefix"), f"{prefix_raw!r} must be a path starting with '/'")
     try:
         path_prefix = normalize_path(prefix_raw)
-    except BadRequest as exc:
-        raise ConfigError(s.at("path_prefix"), exc.message) from None
+    except InvalidTarget as exc:
+        raise ConfigError(s.at("path_prefix"), str(exc)) from None
     if path_prefix != "/":
         path_prefix = path_prefix.rstrip("/")
 
@@ -859,20 +860,10 @@ def _parse_url(url: str, path: str) -> tuple[str, str, int | None, str, str, str
     origin = f"{scheme}://{host_header}"
     try:
         base_path = normalize_path(parts.path or "/")
-    except BadRequest as exc:
-        raise ConfigError(path, exc.message) from None
+    except InvalidTarget as exc:
+        raise ConfigError(path, str(exc)) from None
     base_path = base_path.rstrip("/")
     return scheme, hostname, port, origin, host_header, base_path
-
-
-def is_loopback(hostname: str) -> bool:
-    """True for localhost, 127.0.0.0/8 and ::1."""
-    if hostname == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(hostname.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def _region_from_host(hostname: str) -> str | None:

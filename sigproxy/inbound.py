@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from .config import Config, InboundAuth, is_loopback
+from .config import Config, InboundAuth
 from .cors import CorsPolicy
 from .errors import (
     BadRequest,
@@ -24,7 +24,7 @@ from .errors import (
     Unauthorized,
     UnsupportedCoding,
 )
-from .routing import hostname
+from .hosts import hostname
 
 CONNECT_HELP = (
     "sigproxy cannot sign inside a TLS tunnel: with CONNECT it would only see encrypted "
@@ -65,7 +65,7 @@ class HostAllowList:
         return cls([*names, *config.allowed_hosts], any_ip=any_ip)
 
     def allows(self, name: str) -> bool:
-        """``name`` as :func:`~sigproxy.routing.hostname` gives it."""
+        """``name`` as :func:`~sigproxy.hosts.hostname` gives it."""
         if self.any_host or name in self._exact or name.endswith(self._suffixes):
             return True
         try:
@@ -218,8 +218,3 @@ def _refused() -> Forbidden:
         "call this upstream, list its origin in the upstream's cors.allow_origins",
         code="origin_not_allowed",
     )
-
-
-def is_local(host: str) -> bool:
-    """A loopback host name or address (``[::1]`` included)."""
-    return is_loopback(host.strip("[]"))

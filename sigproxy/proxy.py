@@ -19,7 +19,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDictProxy
 from yarl import URL
 
-from .canonical import normalize_path, normalize_query, split_target
+from .canonical import InvalidTarget, normalize_path, normalize_query, split_target
 from .config import Config, Upstream
 from .cors import CorsPolicy
 from .credentials import CredentialSource, CredentialStore
@@ -39,6 +39,7 @@ from .errors import (
     proxy_error_response,
     upstream_failure,
 )
+from .hosts import hostname, is_loopback
 from .inbound import (
     HostAllowList,
     check_client,
@@ -47,12 +48,11 @@ from .inbound import (
     check_method,
     check_site,
     check_token,
-    is_local,
     is_preflight,
 )
 from .logs import printable
 from .metrics import NO_UPSTREAM, Metrics
-from .routing import Match, Router, hostname
+from .routing import Match, Router
 from .signing import EMPTY_SHA256, SIGNER_CLASSES, BaseSigner
 from .upstream import ConnectError, Origin, PoolBusy, UpstreamClient, UpstreamResponse
 
@@ -398,9 +398,8 @@ class Proxy:
         or absolute form (``GET http://<function url host>/path``: forward proxy)."""
         raw = request.raw_path
         if raw.startswith("/"):
-            raw_path, raw_query = split_target(raw)
-            path = outcome.path = normalize_path(raw_path)
-            query = normalize_query(raw_query)
+            path, query = _canonical(*split_target(raw))
+            outcome.path = path
             match = table.router.match(request.host, path)
             if match is None:
                 raise NoRoute(
@@ -419,13 +418,12 @@ class Proxy:
             )
         authority, slash, remainder = rest.partition("/")
         host = hostname(authority)
-        raw_path, raw_query = split_target("/" + remainder if slash else "/")
-        path = outcome.path = normalize_path(raw_path)
-        query = normalize_query(raw_query)
+        path, query = _canonical(*split_target("/" + remainder if slash else "/"))
+        outcome.path = path
         match = table.forward_match(host, path)
         if match is not None:
             return match, query
-        if is_local(host):
+        if is_loopback(host):
             # An absolute-form request for the proxy itself: route it as a path.
             local = table.router.match(request.host, path)
             if local is not None:
@@ -566,6 +564,14 @@ class Proxy:
         except ConnectionError:
             return sent, CLIENT_GONE
         return sent, up.status
+
+
+def _canonical(raw_path: str, raw_query: str) -> tuple[str, str]:
+    """The path and query to route, sign and send (see :mod:`sigproxy.canonical`)."""
+    try:
+        return normalize_path(raw_path), normalize_query(raw_query)
+    except InvalidTarget as exc:
+        raise BadRequest(str(exc)) from None
 
 
 class MemoryBudget:

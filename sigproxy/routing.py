@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .config import Upstream
+from .hosts import hostname
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,14 +50,3 @@ class Router:
 def _join(base_path: str, remainder: str) -> str:
     # base_path is "" or "/api"; remainder is "" or starts with "/".
     return base_path + remainder or "/"
-
-
-def hostname(host: str) -> str:
-    """Lower-cased host name of a Host header or URL authority (``host[:port]``,
-    ``[v6]:port``), without userinfo, port or trailing dot."""
-    host = host.rpartition("@")[2].strip().lower()
-    if host.startswith("["):
-        end = host.find("]")
-        return host[: end + 1] if end != -1 else host
-    name, _, _ = host.partition(":")
-    return name.rstrip(".")

@@ -10,8 +10,7 @@ from botocore.credentials import ReadOnlyCredentials
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from sigproxy.canonical import normalize_path, normalize_query, split_target
-from sigproxy.errors import BadRequest
+from sigproxy.canonical import InvalidTarget, normalize_path, normalize_query, split_target
 from sigproxy.signing import Signer, signing_key
 
 from .support import ACCESS_KEY, SECRET_KEY, SESSION_TOKEN, Recorded, verify_sigv4
@@ -80,13 +79,13 @@ def test_normalize_query(raw: str, expected: str) -> None:
     ["/a%", "/a%2", "/a%zz", "/a\x00b", "/a\r\nb", "/a\x7f", "noslash", "*"],
 )
 def test_unrepresentable_paths_are_rejected(raw: str) -> None:
-    with pytest.raises(BadRequest):
+    with pytest.raises(InvalidTarget):
         normalize_path(raw)
 
 
 @pytest.mark.parametrize("raw", ["a=%", "a=%g1", "a=%2", "%=1", "a=\x01"])
 def test_unrepresentable_queries_are_rejected(raw: str) -> None:
-    with pytest.raises(BadRequest):
+    with pytest.raises(InvalidTarget):
         normalize_query(raw)
 
 
@@ -109,7 +108,7 @@ _raw_text = st.lists(
 def _representable(fn, raw):  # type: ignore[no-untyped-def]
     try:
         return fn(raw)
-    except BadRequest:
+    except InvalidTarget:
         return None
 
 
