@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from .hosts import hostname
 from .metrics import Metrics
 from .protocol import Handler
-from .proxy import Proxy, RouteTable
+from .proxy import Proxy
+from .routing import RouteTable
 
 # /readyz wants credentials that stay valid at least this long.
 MIN_CREDENTIAL_SECONDS = 60.0
@@ -52,15 +51,6 @@ def admin_handler(proxy: Proxy, metrics: Metrics, state: ServerState) -> Handler
     Host names are checked as on the proxy port, and any IP address is accepted too
     (probes and Prometheus address a pod by its IP)."""
 
-    def scrape() -> bytes:
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            # Several workers: add up every worker's values, as one scrape target.
-            registry = CollectorRegistry()
-            MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-            registry.register(CredentialCollector(lambda: proxy.table))
-            return generate_latest(registry)
-        return generate_latest(metrics.registry)
-
     async def handle(request: web.BaseRequest) -> web.StreamResponse:
         host = request.headers.get("Host")
         if host is not None and not proxy.table.admin_hosts.allows(hostname(host)):
@@ -69,7 +59,8 @@ def admin_handler(proxy: Proxy, metrics: Metrics, state: ServerState) -> Handler
             return _json(405, {"error": "method_not_allowed", "message": "GET only"})
         path = request.path
         if path == "/metrics":
-            return web.Response(body=scrape(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+            body = metrics.exposition()
+            return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
         if path == "/healthz":
             # Answering at all shows the event loop is turning.
             return _json(200, {"status": "ok"})

@@ -25,7 +25,9 @@ from .logs import protect_secrets
 from .metrics import Metrics
 from .notify import Notifier
 from .protocol import ListenerRunner
-from .proxy import Proxy, RouteTable
+from .proxy import Proxy
+from .routing import RouteTable
+from .upstream import UpstreamClient
 
 log = logging.getLogger("sigproxy")
 
@@ -35,16 +37,22 @@ def create_proxy(
     *,
     credentials: CredentialStore | None = None,
     registry: CollectorRegistry | None = None,
+    client: UpstreamClient | None = None,
+    multiprocess_dir: str | None = None,
 ) -> Proxy:
-    """Build the proxy: route table, metrics and request handler.
+    """Build the proxy: route table, metrics, upstream client and request handler.
 
     ``credentials`` defaults to resolving every upstream's credentials now (blocking);
-    ``registry`` defaults to a fresh registry, so proxies never share metrics by accident.
+    ``registry`` defaults to a fresh registry, so proxies never share metrics by accident;
+    ``client`` to a new upstream client (TLS verified with the system's CAs), which
+    :meth:`Proxy.close` closes; ``multiprocess_dir`` is a ``serve --workers`` worker's
+    shared metrics directory.
     """
     protect_secrets()
     store = credentials if credentials is not None else CredentialStore.resolve(config)
-    proxy = Proxy(RouteTable(config, store), Metrics(registry))
-    proxy.metrics.registry.register(CredentialCollector(lambda: proxy.table))
+    metrics = Metrics(registry, multiprocess_dir=multiprocess_dir)
+    proxy = Proxy(RouteTable(config, store), metrics, client)
+    metrics.add_collector(CredentialCollector(lambda: proxy.table))
     return proxy
 
 
@@ -57,7 +65,7 @@ def make_runner(
     request bodies are not decompressed; parser errors are answered in JSON; heads and
     connections are capped by ``limits``; a connection that sends no complete request
     head within ``idle_timeout`` seconds (default ``client_timeouts.header``) is closed.
-    The upstream connections open and close with it."""
+    The proxy's upstream connections are closed by :meth:`Proxy.close`, after it."""
     config = proxy.table.config
     return ListenerRunner(
         proxy.handle,
@@ -65,8 +73,6 @@ def make_runner(
         limits=config.limits,
         shutdown_timeout=shutdown_timeout,
         header_timeout=config.client_timeouts.header if idle_timeout is None else idle_timeout,
-        open=proxy.open,
-        close=proxy.close,
     )
 
 
@@ -101,15 +107,20 @@ async def stop_signals() -> AsyncIterator[asyncio.Event]:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-async def start_proxy(config: Config, credentials: CredentialStore) -> web.BaseRunner:
-    """Set up the proxy and open its listening socket; returns the runner to clean up."""
-    runner = make_runner(
-        create_proxy(config, credentials=credentials),
-        shutdown_timeout=config.grace_period,
-        idle_timeout=config.client_timeouts.header,
-    )
-    await _listen(runner, config.listen.host, config.listen.port, "sigproxy")
-    return runner
+@contextlib.asynccontextmanager
+async def running_proxy(
+    config: Config, credentials: CredentialStore
+) -> AsyncIterator[web.BaseRunner]:
+    """The proxy listening on ``config.listen`` for the block (no admin listener, no
+    signals: ``sigproxy demo``'s); stopped and its upstream connections closed after."""
+    proxy = create_proxy(config, credentials=credentials)
+    runner = make_runner(proxy, shutdown_timeout=config.grace_period)
+    try:
+        await _listen(runner, config.listen.host, config.listen.port, "sigproxy")
+        yield runner
+    finally:
+        await runner.cleanup()
+        await proxy.close()
 
 
 async def _listen(
@@ -142,22 +153,22 @@ class Server:
         load: Callable[[], Config] | None = None,
         notifier: Notifier | None = None,
         sockets: tuple[socket.socket, socket.socket | None] | None = None,
+        multiprocess_dir: str | None = None,
     ) -> None:
         """``sockets``: listening sockets made by a supervisor (``--workers``) to serve
-        on instead of binding (proxy, admin)."""
+        on instead of binding (proxy, admin); ``multiprocess_dir``: where the workers'
+        metrics are added up."""
         self.config = config
         self._sock: socket.socket | None = sockets[0] if sockets else None
         self._admin_sock: socket.socket | None = sockets[1] if sockets else None
         self._load = load
         self.notifier = notifier or Notifier()
         self.state = ServerState()
-        self.proxy = create_proxy(config, credentials=credentials)
-        self.metrics = self.proxy.metrics
-        self._runner = make_runner(
-            self.proxy,
-            shutdown_timeout=config.grace_period,
-            idle_timeout=config.client_timeouts.header,
+        self.proxy = create_proxy(
+            config, credentials=credentials, multiprocess_dir=multiprocess_dir
         )
+        self.metrics = self.proxy.metrics
+        self._runner = make_runner(self.proxy, shutdown_timeout=config.grace_period)
         self._admin: web.BaseRunner | None = None
         self._reload_lock = asyncio.Lock()
         self.on_ready: Callable[[], None] | None = None
@@ -181,6 +192,7 @@ class Server:
                 )
             except ListenError:
                 await self._runner.cleanup()
+                await self.proxy.close()
                 raise
         self.state.listening = True
         self.notifier.ready(f"serving {len(config.upstreams)} upstream(s)")
@@ -244,6 +256,7 @@ class Server:
         await self._runner.cleanup()
         if self._admin is not None:
             await self._admin.cleanup()
+        await self.proxy.close()
         log.info("stopped")
 
     async def run(self, parent: int | None = None) -> None:
@@ -277,9 +290,17 @@ async def serve(
     sockets: tuple[socket.socket, socket.socket | None] | None = None,
     notifier: Notifier | None = None,
     on_ready: Callable[[], None] | None = None,
+    multiprocess_dir: str | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT, reloading ``load()`` on SIGHUP."""
-    server = Server(config, credentials, load=load, sockets=sockets, notifier=notifier)
+    server = Server(
+        config,
+        credentials,
+        load=load,
+        sockets=sockets,
+        notifier=notifier,
+        multiprocess_dir=multiprocess_dir,
+    )
     server.on_ready = on_ready
     await server.run(parent=os.getppid() if sockets is not None else None)
 

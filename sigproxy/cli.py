@@ -10,9 +10,10 @@ import argparse
 import asyncio
 import logging
 import os
+import pickle
 import sys
 from collections.abc import Coroutine, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import __version__
 from .config import LOG_FORMATS, LOG_LEVELS, Config, load_config, with_listen
@@ -20,7 +21,10 @@ from .config import warnings as config_warnings
 from .errors import ConfigError, ListenError, SigproxyError
 from .logs import setup_logging
 from .notify import Notifier
-from .workers import WORKER_FDS_FLAG, Supervisor, worker_count, worker_sockets
+from .workers import WORKER_FDS_FLAG, Supervisor, worker_count, worker_handoff
+
+if TYPE_CHECKING:
+    from .credentials import CredentialStore
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -94,21 +98,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
-    _without_awscrt()
     args = build_parser().parse_args(argv)
     if args.command == "demo":
         return _demo(args)
     if args.command == "emulate":
         return _emulate(args)
+    if args.command == "serve" and args.worker_fds is not None:
+        return _worker(args)
     try:
         config = load_config(args.config)
         config = _apply_overrides(config, args)
     except ConfigError as exc:
         return _fail(f"{args.config}: {exc}")
     setup_logging(args.log_level or config.log_level, args.log_format or config.log_format)
-    if getattr(args, "worker_fds", None) is None:  # a worker's supervisor said it already
-        for warning in config_warnings(config):
-            log.warning("%s", warning)
+    for warning in config_warnings(config):
+        log.warning("%s", warning)
     try:
         if args.command == "check":
             return _check(config)
@@ -117,15 +121,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(exc))
     except KeyboardInterrupt:
         return EXIT_OK
-
-
-def _without_awscrt() -> None:
-    """Keep botocore from loading awscrt. botocore imports it whenever it is installed
-    (``pip install sigproxy[test]`` brings it) for S3 checksums and SigV4a, which sigproxy
-    never uses; it costs every worker 6 MiB of memory and 40 ms of start-up. Library
-    users who import sigproxy themselves are left alone."""
-    if "botocore" not in sys.modules:
-        sys.modules.setdefault("awscrt", None)  # type: ignore[arg-type]
 
 
 def _apply_overrides(config: Config, args: argparse.Namespace) -> Config:
@@ -168,43 +163,13 @@ def _serve(config: Config, path: str, args: argparse.Namespace) -> int:
     from .app import serve
     from .credentials import CredentialStore
 
-    workers = worker_count(args.workers)
-    store = CredentialStore.resolve(config)
-    if args.worker_fds is None:
-        for upstream in config.upstreams:
-            source = store.get(upstream.name)
-            log.info(
-                "route %s%s -> %s (%s, %s, credentials: %s)",
-                upstream.match_host or "",
-                upstream.path_prefix,
-                upstream.url,
-                upstream.region or "no region",
-                upstream.auth,
-                "-" if source is None else f"{source.description} ({source.method})",
-            )
-
     def load() -> Config:
         return _apply_overrides(load_config(path), args)
 
-    if args.worker_fds is not None:
-        proxy_sock, admin_sock, ready_fd = worker_sockets(args.worker_fds)
-
-        def ready() -> None:
-            os.write(ready_fd, b"r")
-            os.close(ready_fd)
-
-        run(
-            serve(
-                config,
-                store,
-                load,
-                sockets=(proxy_sock, admin_sock),
-                notifier=Notifier(environ={}),
-                on_ready=ready,
-            )
-        )
-        return EXIT_OK
+    workers = worker_count(args.workers)
     if workers > 1:
+        # The supervisor signs nothing: only the workers resolve credentials.
+        _log_routes(config, None)
         worker_args = ["--config", path]
         # Workers check every reload against the address really listened on.
         for flag, value in (
@@ -214,9 +179,73 @@ def _serve(config: Config, path: str, args: argparse.Namespace) -> int:
         ):
             if value:
                 worker_args += [flag, value]
-        return run(Supervisor(config, worker_args, workers).run())
+        return run(Supervisor(config, worker_args, workers, load).run())
+    store = CredentialStore.resolve(config)
+    _log_routes(config, store)
     run(serve(config, store, load))
     return EXIT_OK
+
+
+def _worker(args: argparse.Namespace) -> int:
+    """One worker of ``serve --workers``: the config and sockets its supervisor handed
+    over; the config file is read again only on reload."""
+    from .app import serve
+    from .credentials import CredentialStore
+
+    try:
+        handoff = worker_handoff(args.worker_fds)
+    except (OSError, EOFError, pickle.UnpicklingError, ConfigError) as exc:
+        return _fail(f"--worker-fds: {exc} (this flag is for sigproxy's own supervisor)")
+    config = handoff.config
+    setup_logging(args.log_level or config.log_level, args.log_format or config.log_format)
+
+    def load() -> Config:
+        return _apply_overrides(load_config(args.config), args)
+
+    def ready() -> None:
+        os.write(handoff.ready_fd, b"r")
+        os.close(handoff.ready_fd)
+
+    try:
+        store = CredentialStore.resolve(config)
+        run(
+            serve(
+                config,
+                store,
+                load,
+                sockets=(handoff.proxy, handoff.admin),
+                notifier=Notifier(environ={}),
+                on_ready=ready,
+                # Set by the supervisor before this process started, as prometheus-client
+                # needs: its values then go to files there, added up by /metrics.
+                multiprocess_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR"),
+            )
+        )
+    except SigproxyError as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
+
+
+def _log_routes(config: Config, store: CredentialStore | None) -> None:
+    for upstream in config.upstreams:
+        source = None if store is None else store.get(upstream.name)
+        if source is not None:
+            creds = f"{source.description} ({source.method})"
+        elif upstream.auth == "aws_iam":
+            creds = f"{upstream.credentials.describe()} (resolved by each worker)"
+        else:
+            creds = "-"
+        log.info(
+            "route %s%s -> %s (%s, %s, credentials: %s)",
+            upstream.match_host or "",
+            upstream.path_prefix,
+            upstream.url,
+            upstream.region or "no region",
+            upstream.auth,
+            creds,
+        )
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:

@@ -7,7 +7,7 @@ import secrets
 import string
 from pathlib import Path
 
-from .app import listening_urls, start_proxy, stop_signals
+from .app import listening_urls, running_proxy, stop_signals
 from .config import parse_config
 from .credentials import CredentialSource, CredentialStore
 from .emulator.config import DEFAULT_ACCOUNT, Cors, EmulatorConfig, FunctionConfig
@@ -76,12 +76,10 @@ async def run_demo(host: str = "127.0.0.1", port: int = 8080) -> None:
             source = CredentialSource.static(
                 caller.access_key_id, caller.secret_access_key, caller.session_token
             )
-            runner = await start_proxy(config, CredentialStore.static_for(config, source))
-            try:
+            credentials = CredentialStore.static_for(config, source)
+            async with running_proxy(config, credentials) as runner:
                 _print_instructions(listening_urls(runner)[0], by_name)
                 await stop.wait()
-            finally:
-                await runner.cleanup()
         finally:
             await stop_functions(functions)
 

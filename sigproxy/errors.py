@@ -24,19 +24,15 @@
         └── CredentialsUnavailable  503 credentials_unavailable
 
 Messages never contain secrets: they name upstreams, limits and prefixes, never
-header values, query values or credentials.
+header values, query values or credentials. This module is pure: the handler turns
+:func:`error_body` into a response, and the transport's failures arrive here as a kind
+and a message (:func:`upstream_failure`), so nothing below the proxy is imported.
 """
 
 from __future__ import annotations
 
 import json
 from typing import Any
-
-import aiohttp
-from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
-
-from .upstream import ConnectError
 
 
 class SigproxyError(Exception):
@@ -182,48 +178,41 @@ class CredentialsUnavailable(ProxyError):
     reason = "credentials"
 
 
-def error_response(
-    status: int, code: str, message: str, request_id: str | None = None, **extra: Any
-) -> web.Response:
-    """A JSON error body: ``{"error": code, "message": ..., "request_id": ..., **extra}``."""
+def error_body(code: str, message: str, request_id: str | None = None, **extra: Any) -> bytes:
+    """A JSON error body: ``{"error": code, "message": ..., **extra, "request_id": ...}``."""
     body: dict[str, Any] = {"error": code, "message": message}
     body.update(extra)
     if request_id:
         body["request_id"] = request_id
-    return web.Response(
-        status=status,
-        body=json.dumps(body).encode(),
-        content_type="application/json",
-    )
+    return json.dumps(body).encode()
 
 
-def proxy_error_response(exc: ProxyError, request_id: str | None = None) -> web.Response:
-    """Map a :class:`ProxyError` to its JSON response."""
-    resp = error_response(exc.status, exc.code, exc.message, request_id, **exc.extra)
-    resp.headers.update(exc.headers)
-    return resp
+# What each kind of upstream failure is called in the 502 message (the detail says why).
+_FAILED = {
+    "connect": "cannot connect to upstream {!r}",
+    "tls": "TLS with upstream {!r} failed",
+    "protocol": "upstream {!r} sent an invalid response",
+    "closed": "upstream {!r} closed the connection",
+}
 
 
-def upstream_failure(exc: BaseException, upstream: str) -> ProxyError:
-    """Translate an upstream client exception into what the client is told; ``kind`` is
-    the bounded metric label (connect, tls, timeout, reset)."""
-    kind = exc.kind if isinstance(exc, ConnectError) else None
-    if kind == "tls" or isinstance(exc, aiohttp.ClientSSLError):
-        return UpstreamUnreachable(
-            f"TLS handshake with upstream {upstream!r} failed", upstream=upstream, kind="tls"
-        )
-    if kind == "connect" or isinstance(exc, aiohttp.ClientConnectorError):
-        return UpstreamUnreachable(
-            f"cannot connect to upstream {upstream!r}", upstream=upstream, kind="connect"
-        )
-    if kind == "timeout" or isinstance(exc, TimeoutError):
+def upstream_failure(kind: str, detail: str, upstream: str) -> ProxyError:
+    """What the client is told when the exchange with ``upstream`` failed: ``kind`` and
+    ``detail`` are the transport's (a bounded label, and the cause in words)."""
+    if kind == "timeout":
         return UpstreamTimeout(
-            f"upstream {upstream!r} did not answer in time", upstream=upstream, kind="timeout"
+            f"upstream {upstream!r} did not answer in time",
+            upstream=upstream,
+            kind=kind,
+            detail=detail,
         )
-    if isinstance(exc, aiohttp.ClientResponseError | HttpProcessingError):
-        return UpstreamUnreachable(
-            f"upstream {upstream!r} sent an invalid response", upstream=upstream, kind="reset"
+    if kind == "busy":
+        return UpstreamBusy(
+            f"upstream {upstream!r} is busy: {detail}", upstream=upstream, kind=kind
         )
     return UpstreamUnreachable(
-        f"upstream {upstream!r} closed the connection", upstream=upstream, kind="reset"
+        _FAILED.get(kind, _FAILED["closed"]).format(upstream),
+        upstream=upstream,
+        kind=kind,
+        detail=detail,
     )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-from collections.abc import Iterable
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -24,7 +23,7 @@ from .errors import (
     Unauthorized,
     UnsupportedCoding,
 )
-from .hosts import hostname
+from .hosts import HostAllowList, hostname
 
 CONNECT_HELP = (
     "sigproxy cannot sign inside a TLS tunnel: with CONNECT it would only see encrypted "
@@ -37,42 +36,6 @@ CONNECT_HELP = (
 # Anything but these two safe values is treated as cross-site (fail closed).
 _SAFE_SITES = frozenset({"same-origin", "none"})
 _NAVIGATION_METHODS = frozenset({"GET", "HEAD"})
-_UNSPECIFIED = frozenset({"0.0.0.0", "[::]", "::", ""})
-
-
-class HostAllowList:
-    """Host names the proxy answers to. A web page on ``evil.example`` whose DNS name is
-    re-pointed at 127.0.0.1 reaches the proxy with ``Host: evil.example``; refusing
-    names the proxy is not known by closes that door (as Vite's and webpack's
-    ``allowedHosts`` and Jupyter do). Loopback addresses and ``localhost`` are always
-    allowed; ``*.example.com`` allows every name under example.com; ``*`` any name."""
-
-    def __init__(self, names: Iterable[str], *, any_ip: bool = False) -> None:
-        names = [n.lower() for n in names]
-        self.any_host = "*" in names
-        self.any_ip = any_ip
-        self._exact = frozenset(n for n in names if not n.startswith("*")) | {"localhost"}
-        self._suffixes = tuple(n[1:] for n in names if n.startswith("*."))
-
-    @classmethod
-    def for_config(cls, config: Config, *, any_ip: bool = False) -> HostAllowList:
-        """The proxy's own names (listen host, every upstream's ``host:``) and
-        ``allowed_hosts``."""
-        names = [u.match_host for u in config.upstreams if u.match_host]
-        listen = hostname(config.listen.host)
-        if listen not in _UNSPECIFIED:
-            names.append(f"[{listen}]" if ":" in listen and "[" not in listen else listen)
-        return cls([*names, *config.allowed_hosts], any_ip=any_ip)
-
-    def allows(self, name: str) -> bool:
-        """``name`` as :func:`~sigproxy.hosts.hostname` gives it."""
-        if self.any_host or name in self._exact or name.endswith(self._suffixes):
-            return True
-        try:
-            address = ipaddress.ip_address(name.strip("[]"))
-        except ValueError:
-            return False
-        return self.any_ip or address.is_loopback
 
 
 def check_client(request: web.BaseRequest, config: Config) -> None:

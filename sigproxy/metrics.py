@@ -7,6 +7,7 @@ statuses are codes; never paths, hosts or ids.
 from __future__ import annotations
 
 import platform
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import (
@@ -14,13 +15,13 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
-    disable_created_metrics,
+    generate_latest,
 )
+from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 from . import __version__
-
-# Counters and histograms without a `_created` series each: half the series to scrape.
-disable_created_metrics()  # type: ignore[no-untyped-call]
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 NO_UPSTREAM = "none"
@@ -36,10 +37,25 @@ def method_label(method: str) -> str:
 
 
 class Metrics:
-    """The collectors, created on ``registry`` (a fresh one per app by default)."""
+    """The collectors, created on ``registry`` (a fresh one per app by default), and what
+    /metrics shows of them: this process's values, or with ``multiprocess_dir`` (a worker
+    of ``serve --workers``) every worker's values added up."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, *, multiprocess_dir: str | None = None
+    ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self._scrape = CollectorRegistry(auto_describe=False)
+        if multiprocess_dir is None:
+            self._scrape.register(_WithoutCreated(self.registry))
+            self._live = self.registry
+        else:
+            summed = CollectorRegistry(auto_describe=False)
+            MultiProcessCollector(summed, path=multiprocess_dir)  # type: ignore[no-untyped-call]
+            self._scrape.register(_WithoutCreated(summed))
+            # Collectors read at scrape time (not counted into the shared files) are
+            # this process's own: shown as they are.
+            self._live = self._scrape
         r = self.registry
         self.requests = Counter(
             "sigproxy_requests",
@@ -79,7 +95,7 @@ class Metrics:
         )
         self.upstream_errors = Counter(
             "sigproxy_upstream_errors",
-            "Failed upstream exchanges by kind (connect, timeout, reset, tls).",
+            "Failed upstream exchanges by kind (connect, tls, timeout, protocol, closed, busy).",
             ["upstream", "kind"],
             registry=r,
         )
@@ -115,6 +131,14 @@ class Metrics:
         self._per_request: dict[tuple[str, str, int], tuple[Any, Any, Any]] = {}
         self._per_upstream_bytes: dict[str, tuple[Any, Any]] = {}
 
+    def add_collector(self, collector: Collector) -> None:
+        """A collector read at scrape time (credential expiry, for one)."""
+        self._live.register(collector)
+
+    def exposition(self) -> bytes:
+        """The text /metrics answers."""
+        return generate_latest(self._scrape)
+
     def request_done(
         self,
         upstream: str,
@@ -148,3 +172,17 @@ class Metrics:
             children[0].inc(bytes_in)
         if bytes_out:
             children[1].inc(bytes_out)
+
+
+class _WithoutCreated(Collector):
+    """``registry``'s metrics without the ``_created`` series prometheus-client adds to
+    every counter and histogram child: half the series to scrape, and nothing a
+    dashboard uses. (prometheus-client's own switch for this is process-wide.)"""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._registry.collect():
+            family.samples = [s for s in family.samples if not s.name.endswith("_created")]
+            yield family

@@ -212,8 +212,7 @@ class BoundedServer(Server):
 class ListenerRunner(web.ServerRunner):
     """Serves one handler on aiohttp's low-level server: every request goes to it whatever
     its target (CONNECT's authority form and ``OPTIONS *`` included), without an
-    Application's router and middleware chain. ``resources`` are opened at setup and
-    closed at cleanup, with the server."""
+    Application's router and middleware chain."""
 
     def __init__(
         self,
@@ -223,8 +222,6 @@ class ListenerRunner(web.ServerRunner):
         limits: Limits,
         shutdown_timeout: float,
         header_timeout: float,
-        open: Callable[[], Awaitable[None]] | None = None,
-        close: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         server = BoundedServer(
             handler,
@@ -240,15 +237,3 @@ class ListenerRunner(web.ServerRunner):
             auto_decompress=False,
         )
         super().__init__(server, shutdown_timeout=shutdown_timeout)
-        self._open = open
-        self._close = close
-
-    async def _make_server(self) -> Server:
-        if self._open is not None:
-            await self._open()
-        return await super()._make_server()
-
-    async def _cleanup_server(self) -> None:
-        await super()._cleanup_server()
-        if self._close is not None:
-            await self._close()

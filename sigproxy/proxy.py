@@ -1,4 +1,11 @@
-"""The request handler: route, read and hash the body, sign, forward, stream back."""
+"""The request handler: admit, route, read and hash the body, sign, forward, stream back.
+
+:meth:`Proxy.handle` reads top to bottom like the request's way through the proxy; each
+step is one call into the module that owns it (:mod:`~sigproxy.inbound` admission,
+:mod:`~sigproxy.routing`, :mod:`~sigproxy.headers`, :mod:`~sigproxy.signing`,
+:mod:`~sigproxy.upstream`), and every refusal is a :class:`~sigproxy.errors.ProxyError`
+answered in JSON by :meth:`Proxy._refuse`.
+"""
 
 from __future__ import annotations
 
@@ -13,35 +20,25 @@ import struct
 import time
 from dataclasses import dataclass
 
-import aiohttp
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
-from multidict import CIMultiDictProxy
-from yarl import URL
 
-from .canonical import InvalidTarget, normalize_path, normalize_query, split_target
-from .config import Config, Upstream
+from .canonical import split_target
+from .config import Config
 from .cors import CorsPolicy
-from .credentials import CredentialSource, CredentialStore
 from .errors import (
-    BadRequest,
     BodyTooLarge,
     ExpectationFailed,
     Forbidden,
-    NoRoute,
     OverCapacity,
     ProxyError,
     RequestTimeout,
-    UpstreamBusy,
     UpstreamTimeout,
     UpstreamUnreachable,
-    error_response,
-    proxy_error_response,
+    error_body,
     upstream_failure,
 )
-from .hosts import hostname, is_loopback
+from .headers import Client, request_headers, response_headers
 from .inbound import (
-    HostAllowList,
     check_client,
     check_framing,
     check_host,
@@ -52,91 +49,17 @@ from .inbound import (
 )
 from .logs import printable
 from .metrics import NO_UPSTREAM, Metrics
-from .routing import Match, Router
-from .signing import EMPTY_SHA256, SIGNER_CLASSES, BaseSigner
-from .upstream import ConnectError, Origin, PoolBusy, UpstreamClient, UpstreamResponse
+from .routing import Route, RouteTable, Target
+from .signing import EMPTY_SHA256
+from .upstream import UpstreamClient, UpstreamError, UpstreamResponse
 
 log = logging.getLogger("sigproxy.proxy")
 access_log = logging.getLogger("sigproxy.access")
 
-# RFC 9110 section 7.6.1, plus the legacy Proxy-Connection and Keep-Alive.
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
-# Request headers never passed on: the proxy sets its own Host and length, the aiohttp
-# server already answered any Expect, and forwarded-for headers are rebuilt.
-_REQUEST_DROP = HOP_BY_HOP | {
-    "host",
-    "content-length",
-    "expect",
-    "x-forwarded-for",
-    "x-forwarded-proto",
-    "x-forwarded-host",
-    "x-request-id",
-}
-_RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 # Status recorded (never sent) when the client disconnected, as nginx does.
 CLIENT_GONE = 499
-
-
-@dataclass(frozen=True, slots=True)
-class _Target:
-    """What is known about an upstream when the config is loaded."""
-
-    upstream: Upstream
-    credentials: CredentialSource | None
-    signer: BaseSigner
-    origin: Origin
-    cors: CorsPolicy | None
-
-
-class RouteTable:
-    """Everything requests need from one config, built once and never changed: a reload
-    swaps in a whole new table, and a request keeps the table it started with."""
-
-    def __init__(self, config: Config, credentials: CredentialStore) -> None:
-        self.config = config
-        self.credentials = credentials
-        self.router = Router(config.upstreams)
-        self.hosts = HostAllowList.for_config(config)
-        self.admin_hosts = HostAllowList.for_config(config, any_ip=True)
-        self.targets: dict[str, _Target] = {}
-        self.by_host: dict[str, list[Upstream]] = {}
-        signer_class = SIGNER_CLASSES[config.signer]
-        for upstream in config.upstreams:
-            source = credentials.get(upstream.name)
-            if upstream.auth == "aws_iam" and source is None:
-                raise ValueError(f"no credential source for aws_iam upstream {upstream.name!r}")
-            self.targets[upstream.name] = _Target(
-                upstream=upstream,
-                credentials=source,
-                signer=signer_class(upstream.host_header, upstream.region, upstream.service),
-                origin=_origin(upstream),
-                cors=CorsPolicy(upstream.cors) if upstream.cors is not None else None,
-            )
-            # Forward-proxy requests name the Function URL's own host.
-            self.by_host.setdefault(upstream.url_host, []).append(upstream)
-        for same_host in self.by_host.values():
-            same_host.sort(key=lambda u: -len(u.base_path))
-
-    def forward_match(self, host: str, path: str) -> Match | None:
-        """The upstream a forward-proxy request for ``host`` + ``path`` goes to."""
-        for upstream in self.by_host.get(host, ()):
-            base = upstream.base_path
-            if not base or path == base or path.startswith(base + "/"):
-                return Match(upstream, path)
-        return None
+_LINGER_ZERO = struct.pack("ii", 1, 0)
 
 
 @dataclass(slots=True)
@@ -154,31 +77,27 @@ class _Outcome:
 
 
 class Proxy:
-    """Owns the current route table, the upstream connections, the request body memory
-    budget and the per-request work."""
+    """Owns the current route table, the upstream client, the request body memory budget
+    and the per-request work."""
 
-    def __init__(self, table: RouteTable, metrics: Metrics) -> None:
+    def __init__(
+        self, table: RouteTable, metrics: Metrics, client: UpstreamClient | None = None
+    ) -> None:
         self.table = table
         self.metrics = metrics
+        self.client = client if client is not None else UpstreamClient()
         self.bodies = MemoryBudget(table.config.limits.body_memory_bytes)
-        self._client: UpstreamClient | None = None
 
     def swap(self, table: RouteTable) -> None:
         """Serve new requests from ``table``; requests in flight finish on the old one.
         Pools of upstreams the new table no longer has are closed."""
         self.table = table
         self.bodies.capacity = table.config.limits.body_memory_bytes
-        if self._client is not None:
-            self._client.retain(t.origin for t in table.targets.values())
-
-    async def open(self) -> None:
-        """Create the upstream connection pools (TLS verified with the system's CAs)."""
-        self._client = UpstreamClient()
+        self.client.retain(t.origin for t in table.targets.values())
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
+        """Close the upstream connections (after the listener has stopped)."""
+        await self.client.close()
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """aiohttp handler for every request on the proxy port."""
@@ -197,17 +116,16 @@ class Proxy:
             outcome.status = 500
             log.exception("request %s: unexpected error", request_id)
             self.metrics.proxy_errors.labels("internal").inc()
-            resp = error_response(500, "internal_error", "sigproxy failed unexpectedly", request_id)
-            resp.headers["X-Request-Id"] = request_id
-            return resp
+            body = error_body("internal_error", "sigproxy failed unexpectedly", request_id)
+            return _json_response(500, body, {"X-Request-Id": request_id})
         finally:
             self._account(request, request_id, outcome, time.perf_counter() - started)
 
     async def _proxy(
         self, request: web.BaseRequest, table: RouteTable, request_id: str, outcome: _Outcome
     ) -> web.StreamResponse:
-        """Admit, route, read the body, sign, forward, stream the answer back."""
         config = table.config
+        # Admission: who and what, before anything is routed, read or told.
         check_client(request, config)
         check_host(request, table.hosts)
         check_method(request, config)
@@ -218,31 +136,26 @@ class Proxy:
         if is_preflight(request):
             # Browsers send preflights without credentials: answered here, before the
             # token, never forwarded or signed, and telling nothing about other routes.
-            outcome.status = 204
             return self._preflight(request, table, request_id, outcome)
         if config.inbound_auth is not None:
             check_token(request, config.inbound_auth)
-        match, query = self._route(request, table, outcome)
-        upstream = match.upstream
-        outcome.upstream = upstream.name
-        target = table.targets[upstream.name]
-        outcome.cors = target.cors
+
+        route = table.resolve(request.raw_path, request.headers.get("Host"))
+        target = route.target
+        outcome.upstream, outcome.path, outcome.cors = (
+            target.upstream.name,
+            route.incoming,
+            target.cors,
+        )
         check_site(request, target.cors, allow_navigation=config.allow_cross_site_navigation)
 
-        body, held = await self._receive(request, upstream.max_body_bytes, config)
+        body, held = await self._receive(request, target.upstream.max_body_bytes, config)
         try:
             outcome.received = len(body)
-            outgoing = match.path + ("?" + query if query else "")
-            strip = config.inbound_auth.header if config.inbound_auth else None
-            headers = _forward_headers(request, upstream, request_id, strip)
-            if target.credentials is not None:
-                creds = await target.credentials.get()
-                t0 = time.perf_counter()
-                digest = hashlib.sha256(body).hexdigest() if body else EMPTY_SHA256
-                headers.extend(target.signer.sign(request.method, outgoing, digest, creds))
-                self.metrics.signing_duration.observe(time.perf_counter() - t0)
+            headers = self._headers(request, target, config, request_id)
+            await self._sign(request.method, route, body, headers)
             t0 = time.perf_counter()
-            up = await self._send(target, request.method, outgoing, headers, body)
+            up = await self._send(route, request.method, headers, body)
             outcome.upstream_time = time.perf_counter() - t0
         finally:
             # The body has gone upstream: its memory is free for others while the
@@ -254,91 +167,34 @@ class Proxy:
         finally:
             up.release()
 
-    async def _refuse(
-        self, request: web.BaseRequest, exc: ProxyError, request_id: str, outcome: _Outcome
-    ) -> web.StreamResponse:
-        outcome.status = exc.status
-        outcome.error = exc.code
-        self.metrics.proxy_errors.labels(exc.reason).inc()
-        if isinstance(exc, UpstreamUnreachable | UpstreamTimeout):
-            kind = exc.extra.get("kind", "connect")
-            self.metrics.upstream_errors.labels(outcome.upstream, kind).inc()
-        resp = proxy_error_response(exc, request_id)
-        resp.headers["X-Request-Id"] = request_id
-        if outcome.cors is not None and exc.code != "cors_refused":
-            # So a page allowed to call the upstream can read why it failed.
-            for name, value in outcome.cors.response_headers(request.headers.get("Origin")):
-                resp.headers.add(name, value)
-        outcome.sent = len(resp.body) if isinstance(resp.body, bytes) else 0
-        if exc.closes or (request.body_exists and not request.content.is_eof()):
-            # Refused before its body was read (or while it was): nothing more is taken
-            # from this client, and the connection closes after the answer.
-            await _refuse_rest_of_body(request, resp)
-        return resp
-
-    def _account(
-        self, request: web.BaseRequest, request_id: str, outcome: _Outcome, elapsed: float
-    ) -> None:
-        """Metrics and the access log line for one finished request."""
-        m = self.metrics
-        m.in_flight.dec()
-        m.request_done(
-            outcome.upstream, request.method, outcome.status, elapsed, outcome.upstream_time
-        )
-        if outcome.received or outcome.sent:
-            m.bytes_done(outcome.upstream, outcome.received, outcome.sent)
-        if not access_log.isEnabledFor(logging.INFO):
-            return
-        raw = printable(split_target(request.raw_path)[0])
-        path = raw if outcome.path is None else outcome.path
-        upstream_ms = (
-            None if outcome.upstream_time is None else round(outcome.upstream_time * 1000, 1)
-        )
-        access_log.info(
-            "%s %s %s %s %s in=%d out=%d total_ms=%.1f upstream_ms=%s%s%s",
-            request_id,
-            outcome.upstream,
-            printable(request.method),
-            path,
-            outcome.status,
-            outcome.received,
-            outcome.sent,
-            elapsed * 1000,
-            "-" if upstream_ms is None else upstream_ms,
-            "" if raw == path else f" raw={raw}",
-            "" if outcome.error is None else f" error={outcome.error}",
-            extra={
-                "request_id": request_id,
-                "upstream": outcome.upstream,
-                "method": request.method,
-                "path": path,
-                "raw_path": raw,
-                "status": outcome.status,
-                "bytes_in": outcome.received,
-                "bytes_out": outcome.sent,
-                "total_ms": round(elapsed * 1000, 1),
-                "upstream_ms": upstream_ms,
-                "error": outcome.error,
-            },
-        )
-
     def _preflight(
         self, request: web.BaseRequest, table: RouteTable, request_id: str, outcome: _Outcome
     ) -> web.Response:
         try:
-            match, _ = self._route(request, table, outcome)
+            target = table.resolve(request.raw_path, request.headers.get("Host")).target
         except ProxyError:
             raise Forbidden(
                 "CORS preflight refused: no upstream with a CORS policy serves this path",
                 code="cors_refused",
             ) from None
-        outcome.upstream = match.upstream.name
-        policy = table.targets[match.upstream.name].cors
-        if policy is None:
+        outcome.upstream = target.upstream.name
+        if target.cors is None:
             raise Forbidden(
                 "CORS preflight refused: this upstream has no cors section", code="cors_refused"
             )
-        return _preflight(policy, request, request_id)
+        headers = request.headers
+        granted = target.cors.preflight(
+            headers["Origin"],
+            headers["Access-Control-Request-Method"],
+            headers.get("Access-Control-Request-Headers", "").split(","),
+        )
+        if isinstance(granted, str):
+            raise Forbidden(f"CORS preflight refused: {granted}", code="cors_refused")
+        outcome.status = 204
+        resp = web.Response(status=204, headers={"X-Request-Id": request_id})
+        for name, value in granted:
+            resp.headers.add(name, value)
+        return resp
 
     async def _receive(
         self, request: web.BaseRequest, limit: int, config: Config
@@ -391,92 +247,54 @@ class Proxy:
             budget.release(held)
             raise
 
-    def _route(
-        self, request: web.BaseRequest, table: RouteTable, outcome: _Outcome
-    ) -> tuple[Match, str]:
-        """The upstream and canonical path for a request in origin form (reverse proxy)
-        or absolute form (``GET http://<function url host>/path``: forward proxy)."""
-        raw = request.raw_path
-        if raw.startswith("/"):
-            path, query = _canonical(*split_target(raw))
-            outcome.path = path
-            match = table.router.match(request.host, path)
-            if match is None:
-                raise NoRoute(
-                    "no upstream is configured for this path",
-                    path=path,
-                    prefixes=list(table.router.prefixes),
-                )
-            return match, query
-        if raw == "*":
-            raise BadRequest("asterisk-form requests (OPTIONS *) are not forwarded")
-        scheme, sep, rest = raw.partition("://")
-        if not sep or scheme.lower() != "http":
-            raise BadRequest(
-                "the request target must be a path, or an http:// URL when sigproxy is used "
-                "as an HTTP proxy"
-            )
-        authority, slash, remainder = rest.partition("/")
-        host = hostname(authority)
-        path, query = _canonical(*split_target("/" + remainder if slash else "/"))
-        outcome.path = path
-        match = table.forward_match(host, path)
-        if match is not None:
-            return match, query
-        if is_loopback(host):
-            # An absolute-form request for the proxy itself: route it as a path.
-            local = table.router.match(request.host, path)
-            if local is not None:
-                return local, query
-            raise NoRoute(
-                "no upstream is configured for this path",
-                path=path,
-                prefixes=list(table.router.prefixes),
-            )
-        raise Forbidden(
-            "sigproxy only forwards to the hosts of its upstream table; this host is not one",
-            code="host_not_allowed",
+    @staticmethod
+    def _headers(
+        request: web.BaseRequest, target: Target, config: Config, request_id: str
+    ) -> list[tuple[str, str]]:
+        upstream = target.upstream
+        return request_headers(
+            request.headers.items(),
+            host=upstream.host_header,
+            signed=upstream.auth == "aws_iam",
+            client=Client(request.remote or "", request.scheme, request.headers.get("Host")),
+            request_id=request_id,
+            token_header=config.inbound_auth.header if config.inbound_auth else None,
         )
 
+    async def _sign(
+        self, method: str, route: Route, body: bytes, headers: list[tuple[str, str]]
+    ) -> None:
+        target = route.target
+        if target.credentials is None:
+            return  # auth: none
+        creds = await target.credentials.get()
+        t0 = time.perf_counter()
+        digest = hashlib.sha256(body).hexdigest() if body else EMPTY_SHA256
+        headers.extend(target.signer.sign(method, route.outgoing, digest, creds))
+        self.metrics.signing_duration.observe(time.perf_counter() - t0)
+
     async def _send(
-        self,
-        target: _Target,
-        method: str,
-        outgoing: str,
-        headers: list[tuple[str, str]],
-        body: bytes,
+        self, route: Route, method: str, headers: list[tuple[str, str]], body: bytes
     ) -> UpstreamResponse:
         """Send the signed request; returns once the response head has arrived."""
-        assert self._client is not None, "Proxy.open() was not called"
-        upstream = target.upstream
+        upstream = route.target.upstream
         try:
-            return await self._client.request(
-                target.origin,
+            return await self.client.request(
+                route.target.origin,
                 method,
-                outgoing,
+                route.outgoing,
                 headers,
                 body,
                 connect_timeout=upstream.timeout.connect,
                 read_timeout=upstream.timeout.read,
             )
-        except PoolBusy as exc:
-            raise UpstreamBusy(
-                f"all {upstream.max_connections} connections to upstream {upstream.name!r} "
-                "are in use and "
-                + (
-                    "too many requests are waiting for one"
-                    if exc.why == "queue_full"
-                    else f"none came free within {upstream.timeout.connect:g} seconds"
-                ),
-                upstream=upstream.name,
-            ) from exc
-        except (TimeoutError, aiohttp.ClientError, HttpProcessingError, ConnectError) as exc:
-            raise upstream_failure(exc, upstream.name) from exc
+        except UpstreamError as exc:
+            raise upstream_failure(exc.kind, str(exc), upstream.name) from exc
 
     async def _relay(
         self,
         request: web.BaseRequest,
-        target: _Target,
+        target: Target,
         up: UpstreamResponse,
         request_id: str,
         outcome: _Outcome,
@@ -485,18 +303,16 @@ class Proxy:
         else streamed as it arrives."""
         length = up.content_length
         sized = length is not None and "Transfer-Encoding" not in up.headers
-        whole = (
-            sized
-            and request.method != "HEAD"
-            and up.status not in (204, 304)
-            and up.content.is_eof()
-        )
+        whole = sized and request.method != "HEAD" and up.status not in (204, 304) and up.complete
         # The upstream's reason phrase is not passed on: the status says it all, and a
-        # phrase with control bytes would not survive the trip.
-        # A body that came with the head goes out with the headers in one write, where a
-        # streamed response costs a write for each.
+        # phrase with control bytes would not survive the trip. A body that came with the
+        # head goes out with the headers in one write, where streaming costs one each.
         response = (web.Response if whole else web.StreamResponse)(status=up.status)
-        _copy_response_headers(up.headers, response, request_id, target.cors is not None)
+        kept, undecodable = response_headers(up.headers.items(), cors=target.cors is not None)
+        for name in undecodable:
+            log.warning("request %s: dropped upstream header %s: not valid UTF-8", request_id, name)
+        for name, value in kept:
+            response.headers.add(name, value)
         if target.cors is not None:
             for name, value in target.cors.response_headers(request.headers.get("Origin")):
                 response.headers.add(name, value)
@@ -504,7 +320,7 @@ class Proxy:
         outcome.status = CLIENT_GONE
         if whole:
             assert isinstance(response, web.Response)
-            response.body = up.content.read_nowait()
+            response.body = up.read_buffered()
             try:
                 await response.prepare(request)
                 await response.write_eof()
@@ -533,21 +349,19 @@ class Proxy:
     ) -> tuple[int, int]:
         """Copy the upstream body to the client as it arrives; returns (bytes, status)."""
         sent = 0
-        content = up.content
         while True:
             try:
-                chunk = await content.readany()
-            except (TimeoutError, aiohttp.ClientError) as exc:
+                chunk = await up.read_chunk()
+            except UpstreamError as exc:
                 # Headers are out; the only honest signal left is a reset connection, so
                 # the client never mistakes a truncated body for a whole one.
-                kind = upstream_failure(exc, upstream).extra["kind"]
-                self.metrics.upstream_errors.labels(upstream, kind).inc()
+                self.metrics.upstream_errors.labels(upstream, exc.kind).inc()
                 log.warning(
-                    "request %s: upstream %s failed mid-response after %d bytes (%s)",
+                    "request %s: upstream %s failed mid-response after %d bytes: %s",
                     request_id,
                     upstream,
                     sent,
-                    kind,
+                    exc,
                 )
                 _reset(request)
                 return sent, up.status
@@ -565,13 +379,73 @@ class Proxy:
             return sent, CLIENT_GONE
         return sent, up.status
 
+    async def _refuse(
+        self, request: web.BaseRequest, exc: ProxyError, request_id: str, outcome: _Outcome
+    ) -> web.StreamResponse:
+        outcome.status = exc.status
+        outcome.error = exc.code
+        self.metrics.proxy_errors.labels(exc.reason).inc()
+        if isinstance(exc, UpstreamUnreachable | UpstreamTimeout):
+            kind = exc.extra.get("kind", "connect")
+            self.metrics.upstream_errors.labels(outcome.upstream, kind).inc()
+        body = error_body(exc.code, exc.message, request_id, **exc.extra)
+        resp = _json_response(exc.status, body, {**exc.headers, "X-Request-Id": request_id})
+        if outcome.cors is not None and exc.code != "cors_refused":
+            # So a page allowed to call the upstream can read why it failed.
+            for name, value in outcome.cors.response_headers(request.headers.get("Origin")):
+                resp.headers.add(name, value)
+        outcome.sent = len(body)
+        if exc.closes or (request.body_exists and not request.content.is_eof()):
+            # Refused before its body was read (or while it was): nothing more is taken
+            # from this client, and the connection closes after the answer.
+            await _refuse_rest_of_body(request, resp)
+        return resp
 
-def _canonical(raw_path: str, raw_query: str) -> tuple[str, str]:
-    """The path and query to route, sign and send (see :mod:`sigproxy.canonical`)."""
-    try:
-        return normalize_path(raw_path), normalize_query(raw_query)
-    except InvalidTarget as exc:
-        raise BadRequest(str(exc)) from None
+    def _account(
+        self, request: web.BaseRequest, request_id: str, outcome: _Outcome, elapsed: float
+    ) -> None:
+        """Metrics and the access log line for one finished request."""
+        m = self.metrics
+        m.in_flight.dec()
+        m.request_done(
+            outcome.upstream, request.method, outcome.status, elapsed, outcome.upstream_time
+        )
+        if outcome.received or outcome.sent:
+            m.bytes_done(outcome.upstream, outcome.received, outcome.sent)
+        if not access_log.isEnabledFor(logging.INFO):
+            return
+        raw = printable(split_target(request.raw_path)[0])
+        path = raw if outcome.path is None else outcome.path
+        upstream_ms = (
+            None if outcome.upstream_time is None else round(outcome.upstream_time * 1000, 1)
+        )
+        access_log.info(
+            "%s %s %s %s %s in=%d out=%d total_ms=%.1f upstream_ms=%s%s%s",
+            request_id,
+            outcome.upstream,
+            printable(request.method),
+            path,
+            outcome.status,
+            outcome.received,
+            outcome.sent,
+            elapsed * 1000,
+            "-" if upstream_ms is None else upstream_ms,
+            "" if raw == path else f" raw={raw}",
+            "" if outcome.error is None else f" error={outcome.error}",
+            extra={
+                "request_id": request_id,
+                "upstream": outcome.upstream,
+                "method": request.method,
+                "path": path,
+                "raw_path": raw,
+                "status": outcome.status,
+                "bytes_in": outcome.received,
+                "bytes_out": outcome.sent,
+                "total_ms": round(elapsed * 1000, 1),
+                "upstream_ms": upstream_ms,
+                "error": outcome.error,
+            },
+        )
 
 
 class MemoryBudget:
@@ -601,7 +475,15 @@ def _over_capacity() -> OverCapacity:
     )
 
 
-_LINGER_ZERO = struct.pack("ii", 1, 0)
+def _json_response(status: int, body: bytes, headers: dict[str, str]) -> web.Response:
+    return web.Response(status=status, body=body, content_type="application/json", headers=headers)
+
+
+def _request_id(request: web.BaseRequest) -> str:
+    given = request.headers.get("X-Request-Id")
+    if given and _REQUEST_ID_RE.match(given):
+        return given
+    return os.urandom(16).hex()
 
 
 def _reset(request: web.BaseRequest) -> None:
@@ -616,40 +498,6 @@ def _reset(request: web.BaseRequest) -> None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
     transport.abort()
-
-
-def _preflight(policy: CorsPolicy, request: web.BaseRequest, request_id: str) -> web.Response:
-    origin = request.headers["Origin"]
-    method = request.headers["Access-Control-Request-Method"]
-    wanted = request.headers.get("Access-Control-Request-Headers", "").split(",")
-    granted = policy.preflight(origin, method, wanted)
-    if isinstance(granted, str):
-        raise Forbidden(f"CORS preflight refused: {granted}", code="cors_refused")
-    resp = web.Response(status=204, headers={"X-Request-Id": request_id})
-    for name, value in granted:
-        resp.headers.add(name, value)
-    return resp
-
-
-def _origin(upstream: Upstream) -> Origin:
-    url = URL(upstream.origin)
-    assert url.host is not None
-    assert url.port is not None
-    return Origin(
-        upstream.scheme,
-        url.host,
-        url.port,
-        name=upstream.name,
-        max_connections=upstream.max_connections,
-        idle_timeout=upstream.timeout.idle,
-    )
-
-
-def _request_id(request: web.BaseRequest) -> str:
-    given = request.headers.get("X-Request-Id")
-    if given and _REQUEST_ID_RE.match(given):
-        return given
-    return os.urandom(16).hex()
 
 
 async def _refuse_rest_of_body(request: web.BaseRequest, resp: web.StreamResponse) -> None:
@@ -667,78 +515,3 @@ async def _refuse_rest_of_body(request: web.BaseRequest, resp: web.StreamRespons
     protocol = request.protocol
     if protocol is not None:
         protocol.force_close()
-
-
-def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
-    tokens: set[str] = set()
-    if "Connection" not in headers:
-        return tokens
-    for value in headers.getall("Connection"):
-        tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
-    return tokens
-
-
-def _forward_headers(
-    request: web.BaseRequest, upstream: Upstream, request_id: str, strip: str | None = None
-) -> list[tuple[str, str]]:
-    """The client's headers as they go upstream (before signing); ``strip`` names the
-    inbound_auth header, which is the proxy's and never forwarded."""
-    incoming = request.headers
-    drop = _connection_tokens(incoming)
-    if strip is not None:
-        drop.add(strip.lower())
-    signed = upstream.auth == "aws_iam"
-    # Every header the proxy sets below is in _REQUEST_DROP, so each appears once.
-    out = [("Host", upstream.host_header)]
-    for name, value in incoming.items():
-        lower = name.lower()
-        if lower in _REQUEST_DROP or lower in drop:
-            continue
-        # The signature is ours: the client's Authorization and any X-Amz-* it sent
-        # (a stale date, a token) would contradict it.
-        if signed and (lower == "authorization" or lower.startswith("x-amz-")):
-            continue
-        if not value.isascii():
-            _check_utf8(value, name)
-        out.append((name, value))
-    peer = request.remote or ""
-    prior = ", ".join(incoming.getall("X-Forwarded-For", ()))
-    if peer:
-        out.append(("X-Forwarded-For", f"{prior}, {peer}" if prior else peer))
-    elif prior:
-        out.append(("X-Forwarded-For", prior))
-    out.append(("X-Forwarded-Proto", request.scheme))
-    if request.host:
-        out.append(("X-Forwarded-Host", request.host))
-    out.append(("X-Request-Id", request_id))
-    return out
-
-
-def _check_utf8(value: str, name: str) -> None:
-    # aiohttp hands undecodable header bytes over as surrogate escapes, and its writer
-    # would silently drop them; refuse instead of forwarding an altered value.
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise BadRequest(f"header {name} is not valid UTF-8") from None
-
-
-def _copy_response_headers(
-    headers: CIMultiDictProxy[str], response: web.StreamResponse, request_id: str, cors: bool
-) -> None:
-    drop = _connection_tokens(headers)
-    for name, value in headers.items():
-        lower = name.lower()
-        if lower in _RESPONSE_DROP or lower in drop or lower == "x-request-id":
-            continue
-        if cors and lower.startswith("access-control-"):
-            continue  # the proxy's policy replaces the upstream's
-        if not value.isascii():
-            try:
-                _check_utf8(value, name)
-            except BadRequest:
-                log.warning(
-                    "request %s: dropped upstream header %s: not valid UTF-8", request_id, name
-                )
-                continue
-        response.headers.add(name, value)

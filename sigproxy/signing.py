@@ -8,41 +8,69 @@ canonical (see :mod:`sigproxy.canonical`).
 Two signers give byte-identical headers (tests prove it on the AWS SigV4 test suite, the
 signing table and random targets): :class:`Signer`, the default, builds the canonical
 request straight from the strings sigproxy already has and keeps the derived key and
-the scope; :class:`BotocoreSigner` (``signer: botocore``) hands every request to
-botocore's ``SigV4Auth``, the signer of record, at about four times the cost.
+the scope; :class:`~sigproxy.botocore_signer.BotocoreSigner` (``signer: botocore``) hands
+every request to botocore's ``SigV4Auth``, the signer of record, at about four times the
+cost. This module imports neither botocore nor anything that does I/O; derived keys are
+cached by a :class:`SigningKeys` and the time read from a :class:`Clock`, both owned by
+whoever builds the signers (one of each per route table).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import importlib
 import time
 from collections.abc import Iterable
+from typing import Protocol
 from urllib.parse import quote
-
-from botocore.auth import SigV4Auth
-from botocore.awsrequest import AWSRequest
-from botocore.credentials import ReadOnlyCredentials
 
 EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 ALGORITHM = "AWS4-HMAC-SHA256"
 
-_KEY_CACHE_SIZE = 64
-_keys: dict[tuple[str, str, str, str], bytes] = {}
+
+class Credentials(Protocol):
+    """What signing needs of a set of AWS credentials (botocore's ReadOnlyCredentials
+    has it)."""
+
+    @property
+    def access_key(self) -> str | None: ...
+    @property
+    def secret_key(self) -> str | None: ...
+    @property
+    def token(self) -> str | None: ...
 
 
 def signing_key(secret: str, date: str, region: str, service: str) -> bytes:
-    """The derived SigV4 key, computed once per secret, day, region and service."""
-    cache_key = (secret, date, region, service)
-    key = _keys.get(cache_key)
-    if key is None:
-        key = f"AWS4{secret}".encode()
-        for part in (date, region, service, "aws4_request"):
-            key = hmac.new(key, part.encode(), hashlib.sha256).digest()
-        if len(_keys) >= _KEY_CACHE_SIZE:
-            _keys.clear()  # rotated credentials or a new day: start again
-        _keys[cache_key] = key
+    """The derived SigV4 key for a secret, day (``YYYYMMDD``), region and service."""
+    key = f"AWS4{secret}".encode()
+    for part in (date, region, service, "aws4_request"):
+        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
     return key
+
+
+class SigningKeys:
+    """Derived keys, each computed once per secret, day, region and service: four HMACs
+    saved on every request."""
+
+    __slots__ = ("_keys", "_size")
+
+    def __init__(self, size: int = 64) -> None:
+        self._keys: dict[tuple[str, str, str, str], bytes] = {}
+        self._size = size
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def get(self, secret: str, date: str, region: str, service: str) -> bytes:
+        cache_key = (secret, date, region, service)
+        key = self._keys.get(cache_key)
+        if key is None:
+            key = signing_key(secret, date, region, service)
+            if len(self._keys) >= self._size:
+                self._keys.clear()  # rotated credentials or a new day: start again
+            self._keys[cache_key] = key
+        return key
 
 
 def canonical_uri(path: str) -> str:
@@ -85,6 +113,7 @@ def authorization(
     """(Authorization header, canonical request, string to sign) for a request whose
     signed headers, including ``x-amz-date``, are ``headers``."""
     block, signed = canonical_headers(headers)
+    key = signing_key(secret_key, timestamp[:8], region, service)
     return _authorize(
         method,
         path,
@@ -93,7 +122,7 @@ def authorization(
         signed,
         payload_sha256,
         access_key,
-        secret_key,
+        key,
         timestamp,
         region,
         service,
@@ -108,13 +137,14 @@ def _authorize(
     signed: str,
     payload_sha256: str,
     access_key: str,
-    secret_key: str,
+    key: bytes,
     timestamp: str,
     region: str,
     service: str,
 ) -> tuple[str, str, str]:
-    """:func:`authorization` from a ready canonical header block: the part both the
-    general path (checked on the AWS SigV4 test suite) and :meth:`Signer.sign_at` run."""
+    """:func:`authorization` from a ready canonical header block and derived key: the
+    part both the general path (checked on the AWS SigV4 test suite) and
+    :meth:`Signer.sign_at` run."""
     creq = (
         f"{method}\n{canonical_uri(path)}\n{canonical_query(query)}\n"
         f"{header_block}\n{signed}\n{payload_sha256}"
@@ -122,7 +152,6 @@ def _authorize(
     date = timestamp[:8]
     scope = f"{date}/{region}/{service}/aws4_request"
     sts = f"{ALGORITHM}\n{timestamp}\n{scope}\n{hashlib.sha256(creq.encode()).hexdigest()}"
-    key = signing_key(secret_key, date, region, service)
     signature = hmac.new(key, sts.encode(), hashlib.sha256).hexdigest()
     header = (
         f"{ALGORITHM} Credential={access_key}/{scope}, "
@@ -131,7 +160,7 @@ def _authorize(
     return header, creq, sts
 
 
-class _Clock:
+class Clock:
     """``YYYYMMDDTHHMMSSZ`` for now, formatted once per second."""
 
     __slots__ = ("_second", "_text")
@@ -148,22 +177,30 @@ class _Clock:
         return self._text
 
 
-_clock = _Clock()
-
-
 class BaseSigner:
-    """Signs requests for one upstream host, region and service."""
+    """Signs requests for one upstream host, region and service. ``keys`` and ``clock``
+    are shared by the signers of one route table (each gets its own when not given)."""
 
-    __slots__ = ("_host_line", "host", "region", "service")
+    __slots__ = ("_host_line", "clock", "host", "keys", "region", "service")
 
-    def __init__(self, host: str, region: str, service: str) -> None:
+    def __init__(
+        self,
+        host: str,
+        region: str,
+        service: str,
+        *,
+        keys: SigningKeys | None = None,
+        clock: Clock | None = None,
+    ) -> None:
         self.host = host
         self.region = region
         self.service = service
+        self.keys = keys if keys is not None else SigningKeys()
+        self.clock = clock if clock is not None else Clock()
         self._host_line = f"host:{' '.join(host.split())}\n"
 
     def sign(
-        self, method: str, target: str, body_sha256: str, credentials: ReadOnlyCredentials
+        self, method: str, target: str, body_sha256: str, credentials: Credentials
     ) -> list[tuple[str, str]]:
         """The headers to add to the request: Authorization, X-Amz-Date,
         X-Amz-Content-SHA256 and, with temporary credentials, X-Amz-Security-Token.
@@ -177,16 +214,16 @@ class Signer(BaseSigner):
     __slots__ = ()
 
     def sign(
-        self, method: str, target: str, body_sha256: str, credentials: ReadOnlyCredentials
+        self, method: str, target: str, body_sha256: str, credentials: Credentials
     ) -> list[tuple[str, str]]:
-        return self.sign_at(method, target, body_sha256, credentials, _clock.now())
+        return self.sign_at(method, target, body_sha256, credentials, self.clock.now())
 
     def sign_at(
         self,
         method: str,
         target: str,
         body_sha256: str,
-        credentials: ReadOnlyCredentials,
+        credentials: Credentials,
         timestamp: str,
     ) -> list[tuple[str, str]]:
         """:meth:`sign` for the given ``YYYYMMDDTHHMMSSZ`` time."""
@@ -213,15 +250,15 @@ class Signer(BaseSigner):
             signed,
             body_sha256,
             credentials.access_key or "",
-            credentials.secret_key or "",
+            self.keys.get(credentials.secret_key or "", timestamp[:8], self.region, self.service),
             timestamp,
             self.region,
             self.service,
         )
-        return _signed_headers(header, timestamp, body_sha256, token)
+        return signed_headers(header, timestamp, body_sha256, token)
 
 
-def _signed_headers(
+def signed_headers(
     authorization: str, timestamp: str, body_sha256: str, token: str | None
 ) -> list[tuple[str, str]]:
     out = [
@@ -238,41 +275,15 @@ _SIGNED = "host;x-amz-content-sha256;x-amz-date"
 _SIGNED_WITH_TOKEN = _SIGNED + ";x-amz-security-token"
 
 
-class _CachedKeySigV4Auth(SigV4Auth):
-    """botocore's SigV4 signer with the derived key cached (see :func:`signing_key`);
-    botocore still builds the canonical request and the string to sign."""
-
-    def __init__(self, credentials: ReadOnlyCredentials, service: str, region: str) -> None:
-        super().__init__(credentials, service, region)
-        self._scope = (region, service)
-
-    def signature(self, string_to_sign: str, request: AWSRequest) -> str:
-        region, service = self._scope
-        secret = self.credentials.secret_key or ""
-        key = signing_key(secret, request.context["timestamp"][0:8], region, service)
-        return hmac.new(key, string_to_sign.encode(), hashlib.sha256).hexdigest()
+_SIGNERS = {
+    "builtin": "sigproxy.signing:Signer",
+    # Only imported when chosen: it is the one signer that needs botocore.
+    "botocore": "sigproxy.botocore_signer:BotocoreSigner",
+}
 
 
-class BotocoreSigner(BaseSigner):
-    """The same headers, computed by botocore's ``SigV4Auth.add_auth`` (the signer of
-    record) at the time botocore reads from its own clock."""
-
-    __slots__ = ()
-
-    def sign(
-        self, method: str, target: str, body_sha256: str, credentials: ReadOnlyCredentials
-    ) -> list[tuple[str, str]]:
-        request = AWSRequest(
-            method=method,
-            url=f"https://{self.host}{target}",
-            headers={"Host": self.host, "X-Amz-Content-SHA256": body_sha256},
-        )
-        _CachedKeySigV4Auth(credentials, self.service, self.region).add_auth(request)
-        headers = request.headers
-        return _signed_headers(
-            headers["Authorization"], headers["X-Amz-Date"], body_sha256, credentials.token
-        )
-
-
-SIGNER_CLASSES: dict[str, type[BaseSigner]] = {"builtin": Signer, "botocore": BotocoreSigner}
-"""By the name the config's ``signer`` key takes."""
+def signer_class(name: str) -> type[BaseSigner]:
+    """The signer the config's ``signer`` key names (``builtin`` or ``botocore``)."""
+    module, _, attr = _SIGNERS[name].partition(":")
+    cls: type[BaseSigner] = getattr(importlib.import_module(module), attr)
+    return cls

@@ -4,9 +4,22 @@ sigproxy sends one kind of request: a known origin, a finished header list and a
 already in memory. ``aiohttp.ClientSession`` spends more CPU per request on its general
 machinery (URL objects, payload registry, cookie and redirect handling, tracing, timers)
 than the exchange itself costs. This module keeps aiohttp's own response protocol (its
-llhttp parser, payload streams, read timeouts and exceptions) and drops the rest: the
-request head is written as bytes and connections are pooled per origin, up to a cap, with
-idle ones closed by a timer.
+llhttp parser, payload streams and read timeouts) and drops the rest: the request head is
+written as bytes and connections are pooled per origin, up to a cap, with idle ones
+closed by a timer.
+
+It raises one error tree, whatever failed below it (aiohttp, asyncio, the socket, TLS);
+:func:`_translate` is the one place that turns those into it::
+
+    UpstreamError          kind
+    ├── ConnectFailed      connect   DNS lookup failed, connection refused or unreachable
+    ├── TLSFailed          tls       TLS handshake or certificate verification failed
+    ├── UpstreamTimedOut   timeout   no connection, or no answer, in time
+    ├── ProtocolError      protocol  not a valid HTTP/1.1 answer (an unasked 101 included)
+    ├── ConnectionClosed   closed    the upstream closed or reset the connection
+    └── PoolBusy           busy      every connection the upstream may have is taken
+
+``kind`` is a bounded metric label; the message says the cause in words.
 """
 
 from __future__ import annotations
@@ -14,22 +27,22 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import socket
 import ssl
 from collections.abc import Iterable
-from dataclasses import dataclass
 
+import aiohappyeyeballs
 import aiohttp
 from aiohttp.client_exceptions import ClientPayloadError, ServerDisconnectedError
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.http import RawResponseMessage
-from aiohttp.http_exceptions import BadHttpMessage
+from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError
 from aiohttp.streams import StreamReader
 from multidict import CIMultiDictProxy
 
-# The default for how long an idle connection is kept: servers drop idle keep-alive
-# connections after a while, and a request sent on one that is just closing fails.
-# aiohttp's connector uses the same figure.
-KEEPALIVE_SECONDS = 15.0
+from .routing import Origin
+
+HAPPY_EYEBALLS_DELAY = 0.25  # seconds, RFC 8305's recommendation (and aiohttp's)
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # Methods sent without Content-Length when they carry no body; the rest get
 # Content-Length: 0, as aiohttp does.
@@ -37,60 +50,137 @@ _NO_LENGTH_WHEN_EMPTY = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "CONNECT",
 _LARGE = 1 << 16
 
 
-@dataclass(frozen=True, slots=True)
-class Origin:
-    """Where an upstream's connections go, and how many may be open (in use and idle) and
-    for how long an idle one is kept. Each distinct Origin has its own pool."""
+class UpstreamError(Exception):
+    """An exchange with an upstream failed; ``str()`` says why in words."""
 
-    scheme: str
-    host: str
-    port: int
-    name: str = ""
-    max_connections: int = 1024
-    idle_timeout: float = KEEPALIVE_SECONDS
+    kind = "closed"
 
-    @property
-    def tls(self) -> bool:
-        return self.scheme == "https"
+    def __init__(self, origin: Origin, message: str) -> None:
+        super().__init__(message)
+        self.origin = origin
 
 
-class ConnectError(Exception):
-    """No connection to the upstream; ``kind`` is ``connect``, ``tls`` or ``timeout``."""
-
-    def __init__(self, origin: Origin, kind: str, cause: BaseException) -> None:
-        super().__init__(f"{kind} error connecting to {origin.host}:{origin.port}: {cause}")
-        self.kind = kind
+class ConnectFailed(UpstreamError):
+    kind = "connect"
 
 
-class PoolBusy(Exception):
-    """Every connection the origin may have is taken; ``why`` is ``queue_full`` (as many
-    requests are already waiting for one as it may have) or ``wait_timeout`` (none came
-    free within the request's connect timeout)."""
+class TLSFailed(UpstreamError):
+    kind = "tls"
+
+
+class UpstreamTimedOut(UpstreamError):
+    kind = "timeout"
+
+
+class ProtocolError(UpstreamError):
+    kind = "protocol"
+
+
+class ConnectionClosed(UpstreamError):
+    kind = "closed"
+
+
+class PoolBusy(UpstreamError):
+    """``why`` is ``queue_full`` (as many requests are already waiting for a connection
+    as the origin may have) or ``wait_timeout`` (none came free within the request's
+    connect timeout)."""
+
+    kind = "busy"
 
     def __init__(self, origin: Origin, why: str) -> None:
-        super().__init__(
-            f"{why}: all {origin.max_connections} connections to {origin.host}:{origin.port}"
-            " are in use"
+        waiting = (
+            "as many requests are already waiting for one"
+            if why == "queue_full"
+            else "none came free in time"
         )
-        self.origin = origin
+        super().__init__(
+            origin,
+            f"all {origin.max_connections} connections to {origin.host}:{origin.port} "
+            f"are in use and {waiting}",
+        )
         self.why = why
 
 
+def _translate(exc: Exception, origin: Origin, timeout: float | None) -> UpstreamError:
+    """The one place where what failed below (aiohttp, asyncio, the socket, TLS) becomes
+    an :class:`UpstreamError` saying why in words. ``timeout`` is the limit that was
+    running (connect or read)."""
+    where = f"{origin.host}:{origin.port}"
+    if isinstance(exc, UpstreamError):
+        return exc
+    if isinstance(exc, TimeoutError):  # asyncio's, and aiohttp's read timeouts
+        limit = "" if timeout is None else f" within {timeout:g} seconds"
+        return UpstreamTimedOut(origin, f"no answer from {where}{limit}")
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return TLSFailed(
+            origin,
+            f"certificate verify failed for {origin.host}: {exc.verify_message} "
+            "(for a private CA, point SSL_CERT_FILE at its PEM bundle)",
+        )
+    if isinstance(exc, ssl.SSLError):
+        return TLSFailed(origin, f"TLS handshake with {where} failed: {exc.reason or exc}")
+    if isinstance(exc, socket.gaierror):
+        return ConnectFailed(origin, f"DNS lookup of {origin.host} failed: {exc.strerror}")
+    if isinstance(exc, ConnectionRefusedError):
+        return ConnectFailed(origin, f"connection refused by {where}")
+    if isinstance(exc, HttpProcessingError):
+        text = str(exc.message or type(exc).__name__).strip().splitlines()[0]
+        return ProtocolError(origin, f"{where} sent an invalid HTTP response: {text}")
+    if isinstance(exc, ClientPayloadError):
+        return ConnectionClosed(origin, f"{where} cut the response body short")
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return ProtocolError(origin, f"{where} sent an invalid HTTP response: {exc.message}")
+    if isinstance(exc, ServerDisconnectedError | ConnectionError | aiohttp.ClientOSError):
+        return ConnectionClosed(origin, f"{where} closed the connection")
+    if isinstance(exc, OSError):
+        return ConnectFailed(origin, f"cannot connect to {where}: {exc.strerror or exc}")
+    return ConnectionClosed(origin, f"{where} failed: {type(exc).__name__}")
+
+
 class UpstreamResponse:
-    """A response whose head has arrived; the body is read from :attr:`content`.
+    """A response whose head has arrived; the body is read with :meth:`read_chunk`.
     :meth:`release` must be called: it pools the connection if the body was read to the
     end and the connection may be kept, and closes it otherwise."""
 
-    __slots__ = ("_protocol", "content", "headers", "reason", "status")
+    __slots__ = ("_origin", "_protocol", "_read_timeout", "content", "headers", "status")
 
     def __init__(
-        self, protocol: _Connection, message: RawResponseMessage, content: StreamReader
+        self,
+        origin: Origin,
+        protocol: _Connection,
+        message: RawResponseMessage,
+        content: StreamReader,
+        read_timeout: float | None,
     ) -> None:
+        self._origin = origin
         self._protocol: _Connection | None = protocol
+        self._read_timeout = read_timeout
         self.status: int = message.code
-        self.reason: str = message.reason
         self.headers: CIMultiDictProxy[str] = message.headers
         self.content = content
+
+    @property
+    def complete(self) -> bool:
+        """The whole body has arrived (it may still be unread)."""
+        return self.content.is_eof()
+
+    def read_buffered(self) -> bytes:
+        """What of the body has arrived and is unread; all of it once :attr:`complete`."""
+        return self.content.read_nowait()
+
+    async def read_chunk(self) -> bytes:
+        """The next piece of the body as it arrives; ``b""`` at its end."""
+        try:
+            return await self.content.readany()
+        except Exception as exc:
+            raise _translate(exc, self._origin, self._read_timeout) from exc
+
+    async def read(self) -> bytes:
+        """The rest of the body."""
+        chunks = []
+        while chunk := await self.read_chunk():
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     @property
     def content_length(self) -> int | None:
@@ -280,7 +370,6 @@ class UpstreamClient:
     def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
         self._ssl = ssl_context if ssl_context is not None else ssl.create_default_context()
         self._pools: dict[Origin, _Pool] = {}
-        self._loop = asyncio.get_running_loop()
         self._closed = False
 
     async def close(self) -> None:
@@ -298,23 +387,32 @@ class UpstreamClient:
         """A new connection on a slot the caller holds in ``pool``; the slot is freed if
         there is none."""
         origin = pool.origin
+        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(connect_timeout):
-                _, protocol = await self._loop.create_connection(
-                    lambda: _Connection(self._loop),
-                    origin.host,
-                    origin.port,
-                    ssl=self._ssl if origin.tls else None,
-                    server_hostname=origin.host if origin.tls else None,
+                addresses = await loop.getaddrinfo(
+                    origin.host, origin.port, type=socket.SOCK_STREAM
                 )
+                # Happy Eyeballs (RFC 8305): with a host that has IPv6 and IPv4 addresses
+                # and an IPv6 route that drops packets, the IPv4 attempt starts after
+                # 250 ms instead of after the IPv6 one times out.
+                sock = await aiohappyeyeballs.start_connection(
+                    addresses, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY, interleave=1
+                )
+                try:
+                    _, protocol = await loop.create_connection(
+                        lambda: _Connection(loop),
+                        sock=sock,
+                        ssl=self._ssl if origin.tls else None,
+                        server_hostname=origin.host if origin.tls else None,
+                    )
+                except BaseException:
+                    sock.close()
+                    raise
         except BaseException as exc:
             pool.free_slot()
-            if isinstance(exc, TimeoutError):
-                raise ConnectError(origin, "timeout", exc) from exc
-            if isinstance(exc, ssl.SSLError):  # also certificate verification
-                raise ConnectError(origin, "tls", exc) from exc
-            if isinstance(exc, OSError):
-                raise ConnectError(origin, "connect", exc) from exc
+            if isinstance(exc, Exception):
+                raise _translate(exc, origin, connect_timeout) from exc
             raise
         protocol.pool = pool
         return protocol
@@ -322,7 +420,8 @@ class UpstreamClient:
     async def _acquire(self, pool: _Pool, connect_timeout: float | None) -> _Connection:
         """For a request that found no idle connection: a new one while the pool is under
         its cap, else the first one released (or slot freed) while it waits."""
-        deadline = None if connect_timeout is None else self._loop.time() + connect_timeout
+        loop = asyncio.get_running_loop()
+        deadline = None if connect_timeout is None else loop.time() + connect_timeout
         while True:
             if pool.open < pool.limit:
                 pool.open += 1
@@ -345,29 +444,29 @@ class UpstreamClient:
         connect_timeout: float | None,
         read_timeout: float | None,
     ) -> UpstreamResponse:
-        """Send the request and wait for the response head. Raises aiohttp's client
-        exceptions (and ``TimeoutError`` for a read timeout), like ClientSession, and
-        :class:`PoolBusy` when the origin's connections stay taken."""
+        """Send the request and wait for the response head; :class:`UpstreamError` says
+        why not."""
         head = _head(method, target, headers, body)
         pool = self._pools.get(origin)
         if pool is None:
-            pool = self._pools[origin] = _Pool(self._loop, origin, self._closed)
+            pool = self._pools[origin] = _Pool(asyncio.get_running_loop(), origin, self._closed)
         protocol = pool.take()
         if protocol is None:
             protocol = await self._acquire(pool, connect_timeout)
         if protocol.params is not None:  # it has carried a response: it may have died idle
             try:
-                return await self._exchange(protocol, method, head, body, read_timeout)
-            except (ServerDisconnectedError, aiohttp.ClientOSError):
+                return await self._exchange(origin, protocol, method, head, body, read_timeout)
+            except ConnectionClosed:
                 # The server closed a pooled connection as the request went out. Only a
                 # request that is safe to repeat is sent again, on a new connection.
                 if method not in _IDEMPOTENT:
                     raise
             protocol = await self._acquire(pool, connect_timeout)
-        return await self._exchange(protocol, method, head, body, read_timeout)
+        return await self._exchange(origin, protocol, method, head, body, read_timeout)
 
     async def _exchange(
         self,
+        origin: Origin,
         protocol: _Connection,
         method: str,
         head: bytes,
@@ -403,10 +502,12 @@ class UpstreamClient:
                     raise BadHttpMessage("unsolicited 101 Switching Protocols")
                 # Interim responses (100 Continue, 103 Early Hints) are not passed on.
             protocol.body = payload
-        except BaseException:
+        except BaseException as exc:
             protocol.discard()
+            if isinstance(exc, Exception):
+                raise _translate(exc, origin, read_timeout) from exc
             raise
-        return UpstreamResponse(protocol, message, payload)
+        return UpstreamResponse(origin, protocol, message, payload, read_timeout)
 
 
 def _head(method: str, target: str, headers: list[tuple[str, str]], body: bytes) -> bytes:

@@ -2,11 +2,14 @@
 
 The supervisor binds the listening sockets (so ``--port 0`` and privileged set-ups work
 as with one process), starts each worker as a fresh ``python -m sigproxy serve`` that
-serves those inherited sockets, and stays the one process signals and systemd talk to:
-SIGTERM/SIGINT drain every worker, SIGHUP reloads every worker, a worker that dies is
-started again. Metrics add up across workers through prometheus-client's multiprocess
-mode: each worker writes its values to a shared directory and any worker answering
-/metrics sums them, so Prometheus scrapes one target.
+serves those inherited sockets with the config the supervisor validated (handed over as a
+file descriptor, as uvicorn hands its workers their Config: a config file edited since
+cannot stop a replacement from starting), and stays the one process signals and systemd
+talk to: SIGTERM/SIGINT drain every worker, SIGHUP checks the file and then reloads every
+worker, a worker that dies is started again. A supervisor that gives up exits 1, so
+systemd's ``Restart=on-failure`` starts it again. Metrics add up across workers through
+prometheus-client's multiprocess mode: each worker writes its values to a shared directory,
+and /metrics sums them, so Prometheus scrapes one target.
 """
 
 from __future__ import annotations
@@ -15,16 +18,18 @@ import asyncio
 import contextlib
 import logging
 import os
+import pickle
 import shutil
 import signal
 import socket
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from .config import Config
-from .errors import ConfigError, ListenError
+from .errors import ConfigError, ListenError, SigproxyError
 from .notify import Notifier
 
 log = logging.getLogger("sigproxy.workers")
@@ -60,14 +65,25 @@ def bind(host: str, port: int, what: str | None, reuse_port: bool = False) -> so
 
 
 class Supervisor:
-    def __init__(self, config: Config, worker_args: Sequence[str], workers: int) -> None:
+    """``load`` re-reads the config file (with the command line's overrides) on SIGHUP;
+    what it returns is what workers started from then on are handed."""
+
+    def __init__(
+        self,
+        config: Config,
+        worker_args: Sequence[str],
+        workers: int,
+        load: Callable[[], Config] | None = None,
+    ) -> None:
         self.config = config
+        self.load = load
         self.worker_args = list(worker_args)
         self.workers = workers
         self.notifier = Notifier()
         self._procs: dict[int, asyncio.subprocess.Process] = {}
         self._deaths: list[float] = []
         self._stopping = False
+        self._gave_up = False
 
     async def run(self) -> int:
         config = self.config
@@ -115,7 +131,8 @@ class Supervisor:
             await stop.wait()
             watchdog.cancel()
             watcher.cancel()
-            return await self._stop(metrics_dir)
+            code = await self._stop(metrics_dir)
+            return 1 if self._gave_up else code
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
@@ -131,10 +148,26 @@ class Supervisor:
 
     async def _spawn(self, slot: int) -> None:
         """Start the worker for ``slot``, serving that slot's socket (a replacement
-        takes over the socket of the worker it replaces)."""
-        fd_list = [self._proxy_socks[slot].fileno(), self._admin_fd, self._ready_w]
+        takes over the socket of the worker it replaces) with the current config."""
+        handoff = tempfile.TemporaryFile()  # noqa: SIM115 - the worker reads and closes it
+        handoff.write(pickle.dumps(self.config))
+        handoff.flush()
+        handoff.seek(0)
+        fd_list = [
+            self._proxy_socks[slot].fileno(),
+            self._admin_fd,
+            self._ready_w,
+            handoff.fileno(),
+        ]
         fds = ",".join(str(fd) for fd in fd_list)
-        proc = await asyncio.create_subprocess_exec(
+        with handoff:
+            proc = await self._exec(fds, [fd for fd in fd_list if fd >= 0])
+        self._procs[proc.pid] = proc
+        self._slot_of[proc.pid] = slot
+        log.info("worker %d started", proc.pid)
+
+    async def _exec(self, fds: str, pass_fds: list[int]) -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             "sigproxy",
@@ -142,15 +175,12 @@ class Supervisor:
             *self.worker_args,
             WORKER_FDS_FLAG,
             fds,
-            pass_fds=[fd for fd in fd_list if fd >= 0],
+            pass_fds=pass_fds,
             env=self._env,
             stdin=asyncio.subprocess.DEVNULL,
             # Signals come from the supervisor only, not also from a terminal's Ctrl-C.
             start_new_session=True,
         )
-        self._procs[proc.pid] = proc
-        self._slot_of[proc.pid] = slot
-        log.info("worker %d started", proc.pid)
 
     async def _wait_ready(self, ready_r: int, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
@@ -182,13 +212,25 @@ class Supervisor:
                 self._deaths = [t for t in self._deaths if now - t < _RESTART_WINDOW]
                 self._deaths.append(now)
                 if len(self._deaths) > _MAX_RESTARTS:
-                    log.error("workers keep exiting; stopping")
+                    log.error(
+                        "workers keep exiting (%d in %gs); stopping with status 1",
+                        len(self._deaths),
+                        _RESTART_WINDOW,
+                    )
+                    self._gave_up = True
                     stop.set()
                     return
                 await self._spawn(self._slot_of.pop(pid))
 
     def _reload(self) -> None:
         self.notifier.reloading()
+        if self.load is not None:
+            try:
+                self.config = self.load()
+            except SigproxyError as exc:
+                log.error("reload rejected, still serving the previous config: %s", exc)
+                self.notifier.ready()
+                return
         log.info("reload: signalling %d workers", len(self._procs))
         for proc in self._procs.values():
             with contextlib.suppress(ProcessLookupError):
@@ -231,9 +273,26 @@ def _mark_dead(pid: int, metrics_dir: str) -> None:
         multiprocess.mark_process_dead(pid, metrics_dir)  # type: ignore[no-untyped-call]
 
 
-def worker_sockets(value: str) -> tuple[socket.socket, socket.socket | None, int]:
-    """The sockets and ready pipe a supervisor passed: ``proxy_fd,admin_fd,ready_fd``."""
-    proxy_fd, admin_fd, ready_fd = (int(x) for x in value.split(","))
+@dataclass(frozen=True)
+class Handoff:
+    """What a worker is handed by its supervisor."""
+
+    config: Config
+    proxy: socket.socket
+    admin: socket.socket | None
+    ready_fd: int
+    """Written to (one byte) once the worker serves, then closed."""
+
+
+def worker_handoff(value: str) -> Handoff:
+    """The ``--worker-fds`` a supervisor passed: ``proxy,admin,ready,config`` (admin is
+    -1 without an admin listener)."""
+    proxy_fd, admin_fd, ready_fd, config_fd = (int(x) for x in value.split(","))
+    with os.fdopen(config_fd, "rb") as fh:
+        # Written by the supervisor that started this process, from its validated config.
+        config = pickle.load(fh)  # noqa: S301
+    if not isinstance(config, Config):
+        raise ConfigError("--worker-fds", "the supervisor handed over no config")
     proxy = socket.socket(fileno=proxy_fd)
     admin = socket.socket(fileno=admin_fd) if admin_fd >= 0 else None
-    return proxy, admin, ready_fd
+    return Handoff(config, proxy, admin, ready_fd)

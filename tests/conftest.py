@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import datetime
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -13,8 +14,9 @@ from prometheus_client import CollectorRegistry
 from sigproxy.app import create_proxy, make_runner
 from sigproxy.config import Config, parse_config
 from sigproxy.credentials import CredentialSource, CredentialStore
+from sigproxy.proxy import Proxy
 
-from .support import ACCESS_KEY, SECRET_KEY, SESSION_TOKEN, FakeFunctionUrl
+from .support import ACCESS_KEY, SECRET_KEY, SESSION_TOKEN, FakeFunctionUrl, Recorded
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -75,6 +77,7 @@ async def start_proxy() -> AsyncIterator[StartProxy]:
     static source (the test keys, with a session token) for every aws_iam upstream.
     """
     runners: list[web.BaseRunner] = []
+    proxies: list[Proxy] = []
 
     async def start(
         yaml_text: str, credentials: CredentialStore | CredentialSource | None = None
@@ -86,6 +89,7 @@ async def start_proxy() -> AsyncIterator[StartProxy]:
             credentials = CredentialStore.static_for(config, credentials)
         registry = CollectorRegistry()
         proxy = create_proxy(config, credentials=credentials, registry=registry)
+        proxies.append(proxy)
         runner = make_runner(proxy, shutdown_timeout=2)
         await runner.setup()
         runners.append(runner)
@@ -97,6 +101,8 @@ async def start_proxy() -> AsyncIterator[StartProxy]:
     yield start
     for runner in runners:
         await runner.cleanup()
+    for proxy in proxies:
+        await proxy.close()
 
 
 def one_upstream(port: int, **extra: object) -> str:
@@ -112,3 +118,64 @@ def one_upstream(port: int, **extra: object) -> str:
     for key, value in extra.items():
         lines.append(f"    {key}: {value}")
     return "\n".join(lines) + "\n"
+
+
+# --- a local STS for assume-role -------------------------------------------------------
+
+
+class FakeSts:
+    def __init__(self) -> None:
+        self.calls: list[dict[str, str]] = []
+        self.recorded: list[Recorded] = []
+        self.fail = False
+        self.lifetime = 3600
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/", self.handle)
+        return app
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        self.recorded.append(
+            Recorded(
+                request.method,
+                request.raw_path,
+                [(k.decode(), v.decode()) for k, v in request.raw_headers],
+                body,
+            )
+        )
+        form = dict((await request.post()).items())
+        self.calls.append({k: str(v) for k, v in form.items()})
+        if self.fail:
+            return web.Response(
+                status=403,
+                content_type="text/xml",
+                text="<ErrorResponse><Error><Type>Sender</Type><Code>AccessDenied</Code>"
+                "<Message>not authorized to assume role</Message></Error>"
+                "<RequestId>r</RequestId></ErrorResponse>",
+            )
+        n = len(self.calls)
+        expiry = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=self.lifetime)
+        return web.Response(
+            content_type="text/xml",
+            text=f"""<AssumeRoleResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">
+<AssumeRoleResult><Credentials>
+<AccessKeyId>ASIAASSUMED{n:09d}</AccessKeyId><SecretAccessKey>assumed-secret-{n}</SecretAccessKey>
+<SessionToken>assumed-token-{n}</SessionToken><Expiration>{expiry:%Y-%m-%dT%H:%M:%SZ}</Expiration>
+</Credentials><AssumedRoleUser><Arn>arn:aws:sts::123456789012:assumed-role/invoke/s</Arn>
+<AssumedRoleId>AROAEXAMPLE:s</AssumedRoleId></AssumedRoleUser></AssumeRoleResult>
+<ResponseMetadata><RequestId>req-{n}</RequestId></ResponseMetadata></AssumeRoleResponse>""",
+        )
+
+
+@pytest.fixture
+async def sts(
+    aiohttp_server: Callable[..., Awaitable[TestServer]], monkeypatch: pytest.MonkeyPatch
+) -> FakeSts:
+    fake = FakeSts()
+    # No access log: it would print the query strings the tests send as secrets.
+    server = await aiohttp_server(fake.app(), access_log=None)
+    # botocore's per-service endpoint override: the real STS client talks to the fake.
+    monkeypatch.setenv("AWS_ENDPOINT_URL_STS", f"http://127.0.0.1:{server.port}")
+    return fake

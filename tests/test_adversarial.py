@@ -598,7 +598,7 @@ async def test_upstream_dropping_the_connection_mid_upload_is_502(
         proxy = await start_proxy(two_routes(up.port, upstream.port))
         resp = await raw_request(proxy.port, "POST", "/bad/upload", body=b"x" * 1_000_000)
         body = assert_json_error(resp, 502, "upstream_unreachable")
-        assert body["kind"] == "reset"
+        assert body["kind"] == "closed"
         await assert_still_serving(proxy.port, upstream)
 
 

@@ -9,21 +9,18 @@ import hashlib
 import json
 import threading
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 from botocore.credentials import DeferredRefreshableCredentials
 
 from sigproxy.config import parse_config
 from sigproxy.credentials import CredentialSource, CredentialStore
 from sigproxy.errors import CredentialsError, CredentialsUnavailable
 
-from .conftest import StartProxy, one_upstream
-from .support import FakeFunctionUrl, Recorded, raw_request, verify_sigv4
+from .conftest import FakeSts, StartProxy, one_upstream
+from .support import FakeFunctionUrl, raw_request, verify_sigv4
 
 
 def write_profiles(env: dict[str, str]) -> None:
@@ -106,64 +103,6 @@ async def test_missing_credentials_name_the_upstream(
 
 
 # --- assume-role against a local STS --------------------------------------------------
-
-
-class FakeSts:
-    def __init__(self) -> None:
-        self.calls: list[dict[str, str]] = []
-        self.recorded: list[Recorded] = []
-        self.fail = False
-        self.lifetime = 3600
-
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_post("/", self.handle)
-        return app
-
-    async def handle(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        self.recorded.append(
-            Recorded(
-                request.method,
-                request.raw_path,
-                [(k.decode(), v.decode()) for k, v in request.raw_headers],
-                body,
-            )
-        )
-        form = dict((await request.post()).items())
-        self.calls.append({k: str(v) for k, v in form.items()})
-        if self.fail:
-            return web.Response(
-                status=403,
-                content_type="text/xml",
-                text="<ErrorResponse><Error><Type>Sender</Type><Code>AccessDenied</Code>"
-                "<Message>not authorized to assume role</Message></Error>"
-                "<RequestId>r</RequestId></ErrorResponse>",
-            )
-        n = len(self.calls)
-        expiry = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=self.lifetime)
-        return web.Response(
-            content_type="text/xml",
-            text=f"""<AssumeRoleResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">
-<AssumeRoleResult><Credentials>
-<AccessKeyId>ASIAASSUMED{n:09d}</AccessKeyId><SecretAccessKey>assumed-secret-{n}</SecretAccessKey>
-<SessionToken>assumed-token-{n}</SessionToken><Expiration>{expiry:%Y-%m-%dT%H:%M:%SZ}</Expiration>
-</Credentials><AssumedRoleUser><Arn>arn:aws:sts::123456789012:assumed-role/invoke/s</Arn>
-<AssumedRoleId>AROAEXAMPLE:s</AssumedRoleId></AssumedRoleUser></AssumeRoleResult>
-<ResponseMetadata><RequestId>req-{n}</RequestId></ResponseMetadata></AssumeRoleResponse>""",
-        )
-
-
-@pytest.fixture
-async def sts(
-    aiohttp_server: Callable[..., Awaitable[TestServer]], monkeypatch: pytest.MonkeyPatch
-) -> FakeSts:
-    fake = FakeSts()
-    # No access log: it would print the query strings the tests send as secrets.
-    server = await aiohttp_server(fake.app(), access_log=None)
-    # botocore's per-service endpoint override: the real STS client talks to the fake.
-    monkeypatch.setenv("AWS_ENDPOINT_URL_STS", f"http://127.0.0.1:{server.port}")
-    return fake
 
 
 ROLE = "arn:aws:iam::123456789012:role/invoke"

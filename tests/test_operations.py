@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sigproxy.admin import ServerState, readiness
 from sigproxy.config import parse_config
 from sigproxy.credentials import CredentialSource, CredentialStore
-from sigproxy.proxy import RouteTable
+from sigproxy.routing import RouteTable
 
 from .conftest import one_upstream
 from .support import FakeFunctionUrl, Recorded, raw_request, verify_sigv4
@@ -108,10 +108,29 @@ async def test_metrics_after_known_traffic(upstream: FakeFunctionUrl, tmp_path: 
     )
     # Static credentials from the environment: no expiry series, no refreshes.
     assert not any(name == "sigproxy_credentials_expiry_seconds" for name, _ in m)
+    # Half the series: no _created sample next to each counter and histogram child.
+    assert not any(name.endswith("_created") for name, _ in m)
     # Labels stay bounded: no paths, ids or hosts anywhere.
     for _, labels in m:
         for _, label_value in labels:
             assert "/" not in label_value or label_value.startswith("+"), label_value
+
+
+def test_metrics_touch_no_process_wide_prometheus_setting() -> None:
+    """Building sigproxy's metrics leaves other registries in the process as they were:
+    a counter elsewhere still has its _created series (sigproxy drops its own at
+    exposition, not with prometheus-client's process-wide switch)."""
+    from prometheus_client import CollectorRegistry, Counter, generate_latest
+
+    from sigproxy.metrics import Metrics
+
+    ours = Metrics()
+    ours.request_done("fn", "GET", 200, 0.01, 0.005)
+    assert b"_created" not in ours.exposition()
+    assert b"sigproxy_requests_total" in ours.exposition()
+    theirs = CollectorRegistry()
+    Counter("app_events", "An embedding app's own counter.", registry=theirs).inc()
+    assert b"app_events_created" in generate_latest(theirs)
 
 
 def value_label(m: dict[Any, float], name: str, label: str) -> str:

@@ -252,21 +252,27 @@ async def test_serve_signs_and_stops_on_sigterm(upstream: FakeFunctionUrl, tmp_p
     assert "Traceback" not in log
 
 
-async def test_serve_does_not_load_awscrt(upstream: FakeFunctionUrl, tmp_path: Path) -> None:
-    """botocore would import awscrt (installed here with the test extra) for features
-    sigproxy never uses; the command keeps it out of the worker's memory."""
-    import _awscrt  # type: ignore[import-not-found,unused-ignore]
-
-    extension = _awscrt.__file__  # the C library botocore would load
-    path = write(tmp_path, one_upstream(upstream.port))
-    async with serve_process(path) as served:
-        assert (await raw_request(served.port, "POST", "/x", body=b"{}")).status == 200
-        verify_sigv4(upstream.last, region="us-east-1")
-        with open(f"/proc/{served.proc.pid}/maps") as fh:
-            maps = fh.read()
-        assert "python" in maps  # the map is the interpreter's
-        assert extension not in maps, "awscrt's extension is mapped into the proxy process"
-        assert await served.stop() == 0
+def test_aws_login_profile_is_read_by_botocore_as_it_is(tmp_path: Path) -> None:
+    """A profile made by `aws login` (login_session) needs botocore's login provider,
+    which needs awscrt when it is installed (the test extra installs it): the command
+    must leave botocore's imports alone, so the error is the login's own next step, not
+    a missing dependency."""
+    (tmp_path / "aws-config").write_text(
+        "[profile dev]\nlogin_session = arn:aws:iam::123456789012:user/dev\n"
+    )
+    path = write(
+        tmp_path,
+        "upstreams:\n  - {name: fn, url: 'http://127.0.0.1:9', region: us-east-1,"
+        " credentials: {profile: dev}}\n",
+    )
+    env = dict(creds_env(), AWS_CONFIG_FILE=str(tmp_path / "aws-config"), HOME=str(tmp_path))
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        env.pop(name, None)
+    result = run_cli("check", "--config", path, env=env)
+    assert result.returncode == 2
+    assert "botocore[crt]" not in result.stderr
+    assert "aws login" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 async def test_sigterm_lets_a_request_in_flight_finish(

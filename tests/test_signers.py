@@ -32,8 +32,9 @@ from botocore.credentials import ReadOnlyCredentials
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from sigproxy.botocore_signer import BotocoreSigner
 from sigproxy.canonical import InvalidTarget, normalize_path, normalize_query, split_target
-from sigproxy.signing import BotocoreSigner, Signer, authorization, signing_key
+from sigproxy.signing import Signer, SigningKeys, authorization, signing_key
 
 from .support import Recorded, verify_sigv4
 
@@ -495,9 +496,9 @@ def test_both_signers_read_the_utc_clock() -> None:
 
 
 def test_shared_signing_key_matches_botocore_derivation() -> None:
-    """Both signers use :func:`signing_key` (BotocoreSigner caches it too), so the
-    differential tests cannot see a key bug: check the key against botocore's own
-    uncached derivation, past the cache size so the cache is emptied and refilled."""
+    """Both signers take their keys from a :class:`SigningKeys` cache, so the differential
+    tests cannot see a key bug: check the cached key against botocore's own uncached
+    derivation, past the cache size so the cache is emptied and refilled."""
     combos = [
         (secret, stamp, region, service)
         for secret in (SECRET, SUITE_SECRET_KEY, "other/secret+1")
@@ -505,6 +506,7 @@ def test_shared_signing_key_matches_botocore_derivation() -> None:
         for region, service in [(u[1], u[2]) for u in UPSTREAMS]
     ]
     assert len(combos) > 64
+    keys = SigningKeys()
     for _ in range(2):  # second round partly from the cache
         for secret, stamp, region, service in combos:
             request = AWSRequest(method="GET", url="https://example.amazonaws.com/")
@@ -512,5 +514,7 @@ def test_shared_signing_key_matches_botocore_derivation() -> None:
             string_to_sign = f"AWS4-HMAC-SHA256\n{stamp}\n{region}/{service}\nabc"
             creds = ReadOnlyCredentials(SUITE_ACCESS_KEY, secret, None)
             expected = SigV4Auth(creds, service, region).signature(string_to_sign, request)
-            key = signing_key(secret, stamp[:8], region, service)
+            key = keys.get(secret, stamp[:8], region, service)
+            assert key == signing_key(secret, stamp[:8], region, service)
             assert hmac.new(key, string_to_sign.encode(), hashlib.sha256).hexdigest() == expected
+            assert len(keys) <= 64

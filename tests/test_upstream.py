@@ -29,19 +29,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 import trustme
 from aiohttp import web
-from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError
 from aiohttp.test_utils import TestServer
 
+from sigproxy.routing import Origin
 from sigproxy.upstream import (
-    ConnectError,
-    Origin,
+    ConnectFailed,
+    ConnectionClosed,
     PoolBusy,
+    ProtocolError,
     UpstreamClient,
     UpstreamResponse,
+    UpstreamTimedOut,
     _head,
 )
 
@@ -421,7 +422,7 @@ async def test_idle_connections_past_the_keepalive_limit_are_not_reused(
     ports = log.ports
     assert ports[0] == ports[1]  # young enough: reused
     assert ports[2] != ports[1]  # too old: closed, a new connection instead
-    assert upstream_errors(proxy, "fn", "reset") == 0
+    assert upstream_errors(proxy, "fn", "closed") == 0
 
 
 async def test_upstream_answering_connection_close_is_not_reused(
@@ -445,7 +446,7 @@ async def test_upstream_answering_connection_close_is_not_reused(
         assert json.loads(resp.body)["target"] == f"/k{i}"
     assert len(set(log.ports)) == len(methods)  # a new connection each time
     assert [r.method for r in upstream.requests] == methods
-    assert upstream_errors(proxy, "fn", "reset") == 0
+    assert upstream_errors(proxy, "fn", "closed") == 0
 
 
 async def test_upstream_closing_idle_keepalive_connections(
@@ -474,7 +475,7 @@ async def test_upstream_closing_idle_keepalive_connections(
         assert json.loads(resp.body) == {"target": f"/p{i}", "len": len(body or b"")}
     assert len(set(log.ports)) == len(steps)
     assert [r.body for r in fake.requests] == [b"", b"one", b"", b"two"]
-    assert upstream_errors(proxy, "fn", "reset") == 0
+    assert upstream_errors(proxy, "fn", "closed") == 0
 
 
 # ------------------------------------------------------------------------- retry rule
@@ -503,7 +504,7 @@ async def test_idempotent_request_on_a_dead_pooled_connection_is_retried_once(
         # The retry is the same signed request, byte for byte.
         assert up.got[1][1] == up.got[2][1]
         verify_sigv4(up.got[2][1], region="us-east-1")
-        assert upstream_errors(proxy, "fn", "reset") == 0
+        assert upstream_errors(proxy, "fn", "closed") == 0
 
 
 @pytest.mark.parametrize("method", ["POST", "PATCH"])
@@ -516,9 +517,9 @@ async def test_non_idempotent_request_on_a_dead_pooled_connection_is_not_retried
         assert first.status == 200
         second = await raw_request(proxy.port, method, "/two", body=b'{"charge": 1}')
         body = json_error(second, 502, "upstream_unreachable")
-        assert (body["upstream"], body["kind"]) == ("fn", "reset")
+        assert (body["upstream"], body["kind"]) == ("fn", "closed")
         assert up.seen == [(0, "GET", "/one"), (0, method, "/two")]
-        assert upstream_errors(proxy, "fn", "reset") == 1
+        assert upstream_errors(proxy, "fn", "closed") == 1
 
         third = await raw_request(proxy.port, "GET", "/three")
         assert third.status == 200
@@ -538,7 +539,7 @@ async def test_a_retry_that_also_fails_is_not_retried_again(start_proxy: StartPr
         proxy = await start_proxy(one_upstream(up.port))
         assert (await raw_request(proxy.port, "GET", "/one")).status == 200
         resp = await raw_request(proxy.port, "GET", "/two")
-        assert json_error(resp, 502, "upstream_unreachable")["kind"] == "reset"
+        assert json_error(resp, 502, "upstream_unreachable")["kind"] == "closed"
         assert up.seen == [(0, "GET", "/one"), (0, "GET", "/two"), (1, "GET", "/two")]
 
 
@@ -948,7 +949,7 @@ async def fetch(client: UpstreamClient, origin: Origin, target: str) -> str:
     resp = await send(client, origin, target)
     try:
         assert resp.status == 200
-        return (await asyncio.wait_for(resp.content.read(), 5)).decode()
+        return (await asyncio.wait_for(resp.read(), 5)).decode()
     finally:
         resp.release()
 
@@ -993,7 +994,7 @@ async def test_pool_cap_queues_requests_and_hands_released_connections_over_in_o
 
         gates["/a"].set()
         resp_a = await asyncio.wait_for(a, 5)
-        conn_a = (await resp_a.content.read()).split()[0].decode()
+        conn_a = (await resp_a.read()).split()[0].decode()
         resp_a.release()  # handed to the oldest waiter
         assert await asyncio.wait_for(third, 5) == f"{conn_a} /third"
         # /third was released in its turn, to the next waiter.
@@ -1001,7 +1002,7 @@ async def test_pool_cap_queues_requests_and_hands_released_connections_over_in_o
 
         gates["/b"].set()
         resp_b = await asyncio.wait_for(b, 5)
-        await resp_b.content.read()
+        await resp_b.read()
         resp_b.release()
         assert up.connections == 2
         assert_settled(client, origin)
@@ -1044,7 +1045,7 @@ async def test_pool_busy_when_the_queue_is_full_or_the_wait_too_long(
             gate.set()
         for task in held:
             resp = await asyncio.wait_for(task, 5)
-            await resp.content.read()
+            await resp.read()
             resp.release()
         assert_settled(client, origin)
         assert await fetch(client, origin, "/after") == "1 /after"
@@ -1088,7 +1089,7 @@ async def test_no_slot_is_lost_on_any_path(client: UpstreamClient) -> None:
         dead_port = sock.getsockname()[1]  # nothing listens there once it is closed
     dead = Origin("http", "127.0.0.1", dead_port, max_connections=1)
     for _ in range(3):
-        with pytest.raises(ConnectError):
+        with pytest.raises(ConnectFailed, match=f"connection refused by 127.0.0.1:{dead_port}"):
             await send(client, dead, "/x")
     assert pool_of(client, dead).open == 0
 
@@ -1115,10 +1116,10 @@ async def test_no_slot_is_lost_on_any_path(client: UpstreamClient) -> None:
 
     async with raw_upstream(handle) as up:
         origin = origin_of(up, max_connections=2)
-        with pytest.raises(aiohttp.ServerDisconnectedError):
+        with pytest.raises(ConnectionClosed):
             await send(client, origin, "/hangup")
         assert_settled(client, origin)
-        with pytest.raises(TimeoutError):
+        with pytest.raises(UpstreamTimedOut, match=r"within 0\.1 seconds"):
             await send(client, origin, "/silent", read_timeout=0.1)
         assert_settled(client, origin)
 
@@ -1133,8 +1134,8 @@ async def test_no_slot_is_lost_on_any_path(client: UpstreamClient) -> None:
             assert_settled(client, origin)
 
         cut = await send(client, origin, "/reset")
-        with pytest.raises(aiohttp.ClientPayloadError):
-            await asyncio.wait_for(cut.content.read(), 5)
+        with pytest.raises(ConnectionClosed, match="cut the response body short"):
+            await asyncio.wait_for(cut.read(), 5)
         assert_settled(client, origin)  # the reset freed its slot...
         cut.release()
         cut.release()
@@ -1143,7 +1144,7 @@ async def test_no_slot_is_lost_on_any_path(client: UpstreamClient) -> None:
         # Waiters gone in the very tick a connection, then a slot, is handed to them.
         partial = await send(client, origin, "/partial")
         whole = await send(client, origin, "/slow-whole")
-        await whole.content.read()
+        await whole.read()
         waiter = asyncio.create_task(fetch(client, origin, "/never"))
         await until(lambda: waiting(client, origin) == 1)
         whole.release()  # handed to the waiter...
@@ -1151,7 +1152,7 @@ async def test_no_slot_is_lost_on_any_path(client: UpstreamClient) -> None:
         await asyncio.gather(waiter, return_exceptions=True)
         assert len(pool_of(client, origin).idle) == 1
         other = await send(client, origin, "/slow-other")  # takes it
-        await other.content.read()
+        await other.read()
         waiter = asyncio.create_task(fetch(client, origin, "/never"))
         await until(lambda: waiting(client, origin) == 1)
         partial.release()  # closed, its slot handed to the waiter...
@@ -1167,7 +1168,7 @@ async def test_no_slot_is_lost_on_any_path(client: UpstreamClient) -> None:
         both = [asyncio.create_task(send(client, origin, t, connect_timeout=0.5)) for t in gates]
         await until(lambda: {"/p1", "/p2"} <= {t for _, t in up.targets})
         for resp in await asyncio.wait_for(asyncio.gather(*both), 5):
-            await resp.content.read()
+            await resp.read()
             resp.release()
         assert_settled(client, origin)
         assert pool_of(client, origin).open == 2
@@ -1185,7 +1186,9 @@ async def test_idle_connections_are_closed_by_a_timer(client: UpstreamClient) ->
         assert await fetch(client, origin, "/two") == "0 /two"  # younger than 0.3 s
         last_use = loop.time()
         closed = await up.wait_closed(0)
-        assert 0.25 <= closed - last_use < 1.0  # 0.3 s after the last use, not the first
+        # 0.3 s after the last use, not the first; the upper bound only catches "never"
+        # (a loaded machine may run the timer late, never early).
+        assert 0.25 <= closed - last_use < 5
         assert pool_of(client, origin).open == 0
         assert not pool_of(client, origin).idle
 
@@ -1196,14 +1199,13 @@ async def test_idle_connections_are_closed_by_a_timer(client: UpstreamClient) ->
         for target, task in zip(gates, held, strict=True):
             gates[target].set()
             resp = await asyncio.wait_for(task, 5)
-            await resp.content.read()
+            await resp.read()
             resp.release()
             released.append(loop.time())
             await asyncio.sleep(0.15)
         first, second = await up.wait_closed(1), await up.wait_closed(2)
-        assert 0.25 <= first - released[0] < 1.0
-        assert 0.25 <= second - released[1] < 1.0
-        assert second - first > 0.1
+        assert 0.25 <= first - released[0] < 5
+        assert 0.25 <= second - released[1] < 5  # timed from its own release
         assert pool_of(client, origin).open == 0
 
 
@@ -1226,7 +1228,7 @@ async def test_retain_drops_the_pools_of_origins_no_longer_listed(
         assert 0 not in up.closed
         gates["/held"].set()
         resp = await asyncio.wait_for(held, 5)
-        assert await resp.content.read() == b"0 /held"
+        assert await resp.read() == b"0 /held"
         resp.release()
         await up.wait_closed(0)  # in use: closed when released, not pooled
 
@@ -1249,7 +1251,7 @@ async def test_requests_waiting_on_a_dropped_pool_still_complete(
         client.retain([])
         gates["/held"].set()
         resp = await asyncio.wait_for(held, 5)
-        await resp.content.read()
+        await resp.read()
         resp.release()  # to the waiter, on the same connection
         assert await asyncio.wait_for(waiter, 5) == "0 /waiting"
         await up.wait_closed(0)  # and closed once the waiter released it
@@ -1297,7 +1299,7 @@ async def test_bytes_no_request_asked_for_close_the_connection(
     async with raw_upstream(handle) as up:
         origin = origin_of(up)
         resp = await send(client, origin, "/one")
-        assert await asyncio.wait_for(resp.content.read(), 5) == b"0 /one"
+        assert await asyncio.wait_for(resp.read(), 5) == b"0 /one"
         if when.startswith("after"):
             await asyncio.sleep(0.15)  # the stray bytes arrive before the release
         resp.release()
@@ -1361,9 +1363,9 @@ async def test_close_delimited_body_ended_by_a_reset_is_an_error(
         got = b""
         try:
             async with asyncio.timeout(5):
-                while chunk := await resp.content.readany():
+                while chunk := await resp.read_chunk():
                     got += chunk
-        except aiohttp.ClientPayloadError:
+        except ConnectionClosed:
             outcome = "cut short"
         else:
             outcome = "whole"
@@ -1392,10 +1394,8 @@ async def test_unsolicited_101_is_a_bad_message_and_its_connection_is_aborted(
 
     async with raw_upstream(handle) as up:
         origin = origin_of(up)
-        with pytest.raises(BadHttpMessage) as bad:
+        with pytest.raises(ProtocolError, match="unsolicited 101 Switching Protocols"):
             await send(client, origin, "/ws")
-        assert isinstance(bad.value, HttpProcessingError)  # the proxy's 502
-        assert bad.value.message == "unsolicited 101 Switching Protocols"
         await up.wait_closed(0)
         assert_settled(client, origin)
         assert pool_of(client, origin).open == 0

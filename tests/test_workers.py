@@ -5,6 +5,7 @@ dead worker replaced, systemd hearing from the supervisor only."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -19,8 +20,9 @@ from aiohttp import web
 from sigproxy.errors import ConfigError
 from sigproxy.workers import worker_count
 
-from .conftest import one_upstream
+from .conftest import FakeSts, one_upstream
 from .support import FakeFunctionUrl, Recorded, raw_request, verify_sigv4
+from .test_credentials import ROLE
 from .test_operations import scrape, value
 from .test_process import creds_env, serve_process, write
 
@@ -175,3 +177,71 @@ async def test_supervisor_alone_notifies_systemd(upstream: FakeFunctionUrl, tmp_
     lifecycle = [m.split("\n")[0] for m in messages if m != "WATCHDOG=1"]
     assert lifecycle == ["READY=1", "RELOADING=1", "READY=1", "STOPPING=1"]
     assert messages[0] == "READY=1\nSTATUS=2 workers serving"
+
+
+async def test_a_replacement_worker_starts_from_the_validated_config(
+    upstream: FakeFunctionUrl, tmp_path: Path
+) -> None:
+    """The reproduced outage: the file is edited into invalid YAML (not reloaded yet) and
+    a worker dies. Its replacement is handed the config the supervisor validated, so it
+    serves; the supervisor never gives up and stops the healthy worker."""
+    path = write(tmp_path, one_upstream(upstream.port))
+    async with serve_process(path, "--workers", "2") as served:
+        await wait_for(lambda: "2 workers ready" in served.log())
+        Path(path).write_text("upstreams: [this is: not: valid yaml\n")
+        for round_ in range(3):
+            victim = children(served.proc.pid)[0]
+            os.kill(victim, signal.SIGKILL)
+            await wait_for(lambda n=round_ + 1: served.log().count("starting another") == n)
+            await wait_for(
+                lambda v=victim: (
+                    len(children(served.proc.pid)) == 2 and v not in children(served.proc.pid)
+                )
+            )
+            await asyncio.sleep(0.5)  # long enough for a replacement that would exit 2
+            assert len(children(served.proc.pid)) == 2, served.log()
+        results = await asyncio.gather(*(raw_request(served.port, "GET", "/x") for _ in range(20)))
+        assert {r.status for r in results} == {200}
+        verify_sigv4(upstream.last, region="us-east-1")
+        # A reload of the broken file is refused by the supervisor; the workers keep going.
+        served.proc.send_signal(signal.SIGHUP)
+        await wait_for(lambda: "reload rejected" in served.log())
+        assert (await raw_request(served.port, "GET", "/y")).status == 200
+        assert "workers keep exiting" not in served.log()
+        assert await served.stop() == 0
+
+
+async def test_a_supervisor_that_gives_up_exits_1(
+    upstream: FakeFunctionUrl, tmp_path: Path
+) -> None:
+    """Workers that keep dying make the supervisor stop, and with a failure status, so
+    systemd's Restart=on-failure starts it again (it used to exit 0)."""
+    path = write(tmp_path, one_upstream(upstream.port))
+    async with serve_process(path, "--workers", "2") as served:
+        await wait_for(lambda: "2 workers ready" in served.log())
+        deadline = time.monotonic() + 20
+        while served.proc.returncode is None and time.monotonic() < deadline:
+            for pid in children(served.proc.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            await asyncio.sleep(0.2)
+        code = await asyncio.wait_for(served.proc.wait(), 20)
+        assert code == 1, served.log()
+        assert "workers keep exiting" in served.log()
+
+
+async def test_the_supervisor_resolves_no_credentials(
+    sts: FakeSts, upstream: FakeFunctionUrl, tmp_path: Path
+) -> None:
+    """With assume-role, every credential resolution is an STS call: each worker makes
+    one, the supervisor (which signs nothing) none."""
+    path = write(
+        tmp_path,
+        one_upstream(upstream.port, credentials=f"{{role_arn: '{ROLE}'}}"),
+    )
+    env = dict(creds_env(), AWS_ENDPOINT_URL_STS=os.environ["AWS_ENDPOINT_URL_STS"])
+    async with serve_process(path, "--workers", "2", env=env) as served:
+        await wait_for(lambda: "2 workers ready" in served.log())
+        assert (await raw_request(served.port, "GET", "/x")).status == 200
+        assert len(sts.calls) == 2, sts.calls
+        assert await served.stop() == 0
