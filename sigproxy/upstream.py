@@ -29,7 +29,8 @@ import collections
 import contextlib
 import socket
 import ssl
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any
 
 import aiohappyeyeballs
 import aiohttp
@@ -367,8 +368,13 @@ class _Pool:
 class UpstreamClient:
     """One per proxy process: a pool of connections per origin."""
 
-    def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self, ssl_context: ssl.SSLContext | None = None, *, resolve: Resolver | None = None
+    ) -> None:
+        """``resolve(host, port)`` gives the addresses to try, in order (default: the
+        system resolver, as ``getaddrinfo`` orders them)."""
         self._ssl = ssl_context if ssl_context is not None else ssl.create_default_context()
+        self._resolve = resolve if resolve is not None else _getaddrinfo
         self._pools: dict[Origin, _Pool] = {}
         self._closed = False
 
@@ -390,9 +396,7 @@ class UpstreamClient:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(connect_timeout):
-                addresses = await loop.getaddrinfo(
-                    origin.host, origin.port, type=socket.SOCK_STREAM
-                )
+                addresses = await self._resolve(origin.host, origin.port)
                 # Happy Eyeballs (RFC 8305): with a host that has IPv6 and IPv4 addresses
                 # and an IPv6 route that drops packets, the IPv4 attempt starts after
                 # 250 ms instead of after the IPv6 one times out.
@@ -508,6 +512,14 @@ class UpstreamClient:
                 raise _translate(exc, origin, read_timeout) from exc
             raise
         return UpstreamResponse(origin, protocol, message, payload, read_timeout)
+
+
+AddrInfo = tuple[int, int, int, str, tuple[Any, ...]]
+Resolver = Callable[[str, int], Awaitable[Sequence[AddrInfo]]]
+
+
+async def _getaddrinfo(host: str, port: int) -> Sequence[AddrInfo]:
+    return await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
 
 
 def _head(method: str, target: str, headers: list[tuple[str, str]], body: bytes) -> bytes:

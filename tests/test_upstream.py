@@ -1399,3 +1399,69 @@ async def test_unsolicited_101_is_a_bad_message_and_its_connection_is_aborted(
         await up.wait_closed(0)
         assert_settled(client, origin)
         assert pool_of(client, origin).open == 0
+
+
+# --- Happy Eyeballs ----------------------------------------------------------------------
+
+
+async def test_an_address_that_drops_connections_falls_back_to_the_next_in_250_ms() -> None:
+    """RFC 8305: a host with two addresses whose first drops connection attempts (a
+    broken IPv6 route, say) is reached on the second after 250 ms, not after the whole
+    connect timeout. The dropping address is a real listener whose accept queue is full,
+    so the kernel ignores further SYNs."""
+    blackhole = socket.socket()
+    blackhole.bind(("127.0.0.1", 0))
+    blackhole.listen(0)
+    fillers = []
+    for _ in range(4):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(blackhole.getsockname())
+        fillers.append(filler)
+    loop = asyncio.get_running_loop()
+    probe = socket.socket()
+    probe.setblocking(False)
+    try:
+        # The premise: a connection to the first address now hangs.
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(loop.sock_connect(probe, blackhole.getsockname()), 1.0)
+
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+            await writer.drain()
+            writer.close()
+            await writer.wait_closed()
+
+        good = await asyncio.start_server(answer, "127.0.0.1", 0)
+        good_port = good.sockets[0].getsockname()[1]
+
+        async def two_addresses(host: str, port: int) -> list[Any]:
+            return [
+                (socket.AF_INET, socket.SOCK_STREAM, 6, "", blackhole.getsockname()),
+                (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", good_port)),
+            ]
+
+        client = UpstreamClient(resolve=two_addresses)
+        try:
+            started = loop.time()
+            resp = await client.request(
+                Origin("http", "dual.example", 80),
+                "GET",
+                "/",
+                [("Host", "dual.example")],
+                b"",
+                connect_timeout=10,
+                read_timeout=5,
+            )
+            assert resp.status == 200
+            assert await resp.read() == b"ok"
+            resp.release()
+            assert loop.time() - started < 5  # far from the 10 s a sequential try takes
+        finally:
+            await client.close()
+            good.close()
+            await good.wait_closed()
+    finally:
+        for sock in (probe, blackhole, *fillers):
+            sock.close()
