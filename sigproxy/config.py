@@ -1,10 +1,18 @@
-"""The configuration: frozen dataclasses, ``load_config(path)`` and their validation.
+"""The configuration: frozen dataclasses that declare their own keys, and ``load_config``.
 
-Every problem is reported as one :class:`~sigproxy.errors.ConfigError` whose text names
-the key path (``upstreams[1].region: ...``). Strings may use ``${VAR}`` and
-``${VAR:-default}`` (``$$`` is a literal ``$``); the expansion happens after YAML parsing,
-so a value from the environment can never inject YAML structure.
+Each field of a section's dataclass is its key: default and coercer, written once
+(:func:`key`); the keys allowed, the defaults and the type checks come from there. What
+ties keys together is a short list of rules per section (:func:`_upstream`, ...). Every
+problem is one :class:`ConfigError` naming the key path (``upstreams[1].region: ...``).
+
+Strings may use ``${VAR}`` and ``${VAR:-default}`` (``$$`` is a literal ``$``); the
+expansion happens after YAML parsing, so a value from the environment can never inject
+YAML structure. Every coercer reads an expanded string as its own type: ``${PORT}`` as an
+integer, ``${OPEN}`` as true or false (also yes/no, on/off, 1/0). A key left out, null or
+empty takes its default.
 """
+
+# ruff: noqa: RUF009 - key() returns a dataclasses.field(), not a shared default value
 
 from __future__ import annotations
 
@@ -15,8 +23,8 @@ import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from dataclasses import MISSING, dataclass, field
+from typing import Any, Generic, Literal, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
@@ -27,62 +35,326 @@ from .errors import ConfigError
 from .hosts import is_loopback
 
 DEFAULT_MAX_BODY_BYTES = 6 * 1024 * 1024  # Function URL request payload limit
-# Eight bodies of the Function URL limit: each costs about twice its size while it is
-# read and sent, so the worst case stays well inside the shipped manifests' 256Mi.
-DEFAULT_BODY_MEMORY_BYTES = 8 * DEFAULT_MAX_BODY_BYTES
+# Five bodies of the Function URL limit at once. Each costs about twice its size while
+# it is read and sent (bench/flood_bench.py), so with the connection cap the worst case
+# stays inside the shipped manifests' 256Mi.
+DEFAULT_BODY_MEMORY_BYTES = 32 * 1024 * 1024
 DEFAULT_UPSTREAM_CONNECTIONS = 1024
+DEFAULT_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 SIGNERS = ("builtin", "botocore")
 
 AuthMode = Literal["aws_iam", "none"]
+AUTH_MODES: tuple[AuthMode, ...] = ("aws_iam", "none")
 
-_NAME_RE = re.compile(r"^[a-z0-9_-]{1,64}$")
-_SERVICE_RE = re.compile(r"^[a-z0-9-]{1,64}$")
-_REGION_RE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d+$")
-_LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
-_HOSTNAME_RE = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*$")
-# Hosts whose name carries the region: Function URLs and API Gateway.
-_REGION_FROM_HOST = (
-    re.compile(r"^[a-z0-9]+\.lambda-url\.([a-z0-9-]+)\.on\.aws$"),
-    re.compile(r"^[a-z0-9]+\.execute-api\.([a-z0-9-]+)\.amazonaws\.com(\.cn)?$"),
-)
-_ENV_RE = re.compile(r"\$(?:\$|\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\})")
+T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
+S = TypeVar("S", bound=str)
+
+# --- coercers: one per type ------------------------------------------------------------
+
+
+class Coercer(Protocol[T_co]):
+    """Reads a value that is present at ``path`` as its type, or raises ConfigError."""
+
+    def __call__(self, value: Any, path: str, /) -> T_co: ...
+
+
+class _Expanded(str):
+    """A string produced by ``${VAR}`` expansion: coercers read it as their type."""
+
+    __slots__ = ()
+
+
+@dataclass(frozen=True)
+class Text:
+    """A string, stripped and ``normalize``-d; with a ``pattern``, it must match it
+    (``error`` formats the value into the message)."""
+
+    pattern: re.Pattern[str] | None = None
+    error: str = ""
+    normalize: Callable[[str], str] | None = None
+
+    def __call__(self, value: Any, path: str) -> str:
+        if not isinstance(value, str):
+            raise ConfigError(path, f"must be a string, got {_type_name(value)}")
+        word = str(value).strip()
+        if self.normalize is not None:
+            word = self.normalize(word)
+        if self.pattern is not None and not self.pattern.fullmatch(word):
+            raise ConfigError(path, self.error.format(word))
+        return word
+
+
+text = Text()
+
+
+@dataclass(frozen=True)
+class Int:
+    """An integer from ``minimum`` to ``maximum``."""
+
+    minimum: int
+    maximum: int
+
+    def __call__(self, value: Any, path: str) -> int:
+        if isinstance(value, _Expanded) and re.fullmatch(r"\s*-?\d+\s*", value):
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(path, f"must be an integer, got {_type_name(value)}")
+        if not self.minimum <= value <= self.maximum:
+            raise ConfigError(
+                path, f"must be between {self.minimum} and {self.maximum}, got {value}"
+            )
+        return value
+
+
+def seconds(value: Any, path: str) -> float:
+    """A number of seconds, more than 0 and at most a day."""
+    if isinstance(value, _Expanded):
+        with contextlib.suppress(ValueError):
+            value = float(value)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(path, f"must be a number of seconds, got {_type_name(value)}")
+    if not 0 < value <= 86400:
+        raise ConfigError(path, f"must be more than 0 and at most 86400, got {value}")
+    return float(value)
+
+
+_WORDS = {"true": True, "yes": True, "on": True, "1": True}
+_WORDS |= {"false": False, "no": False, "off": False, "0": False}
+
+
+def _truth(value: Any) -> bool | None:
+    """A YAML boolean, or from ``${VAR}`` also yes/no, on/off, 1/0; None for anything else."""
+    if isinstance(value, _Expanded):
+        return _WORDS.get(value.strip().lower())
+    return value if isinstance(value, bool) else None
+
+
+def boolean(value: Any, path: str) -> bool:
+    """true or false."""
+    on = _truth(value)
+    if on is None:
+        raise ConfigError(path, f"must be true or false, got {_type_name(value)}")
+    return on
+
+
+@dataclass(frozen=True)
+class Choice(Generic[S]):
+    """One of ``options``."""
+
+    options: tuple[S, ...]
+
+    def __call__(self, value: Any, path: str) -> S:
+        word = text(value, path)
+        for option in self.options:
+            if word == option:
+                return option
+        raise ConfigError(path, f"must be one of {', '.join(self.options)}, got {word!r}")
+
+
+@dataclass(frozen=True)
+class ListOf(Generic[T]):
+    """A list whose items ``item`` reads (at ``key[i]``), as a tuple."""
+
+    item: Coercer[T]
+    what: str = "strings"
+    nonempty: bool = False
+
+    def __call__(self, value: Any, path: str) -> tuple[T, ...]:
+        if not isinstance(value, list) or (self.nonempty and not value):
+            some = "non-empty " if self.nonempty else ""
+            raise ConfigError(path, f"must be a {some}list of {self.what}")
+        return tuple(self.item(v, f"{path}[{i}]") for i, v in enumerate(value))
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, str):
+        return "a string"
+    return {"dict": "a mapping", "list": "a list", "int": "an integer", "float": "a number"}.get(
+        type(value).__name__, type(value).__name__
+    )
+
+
+# --- sections: a dataclass's keys, read from a mapping ---------------------------------
+
+
+@dataclass(frozen=True)
+class Key:
+    """One config key: the coercer that reads it and its default (MISSING: it must be
+    given, except that a section left out reads as an empty one)."""
+
+    coerce: Coercer[Any]
+    default: Any = field(default_factory=lambda: MISSING)  # "= MISSING" is no default
+    yaml: str = ""
+    """The key's name when it is not the field's (``host`` fills ``match_host``)."""
+    required: str = "is required"
+
+
+def key(default: T, coerce: Coercer[T], yaml: str = "") -> T:
+    """A dataclass field that is also a config key: its default and its coercer."""
+    return field(default=default, metadata={"key": Key(coerce, yaml=yaml)})
+
+
+def spec(coerce: Coercer[Any], required: str = "is required") -> dict[str, Key]:
+    """``field(metadata=...)`` for a key whose field has no default."""
+    return {"key": Key(coerce, required=required)}
+
+
+@dataclass(frozen=True)
+class Section:
+    """A mapping read by a :class:`Schema`: values by field name, ``extra`` keys (those
+    that are not fields) by key, and which keys were given."""
+
+    path: str
+    given: frozenset[str]
+    values: dict[str, Any]
+    extra: dict[str, Any]
+
+    def at(self, key: str) -> str:
+        return _join(self.path, key)
+
+    def build(self, cls: Callable[..., T], **changes: Any) -> T:
+        """``cls`` made from the values read, with ``changes``."""
+        return cls(**{**self.values, **changes})
+
+
+class Schema(Generic[T]):
+    """A section's keys and ``build``, its rules, which make a T of what was read. The
+    keys are ``cls``'s fields that carry a :class:`Key` (in their metadata, or in ``keys``
+    for a class another module owns), then ``extra`` keys that fill no field."""
+
+    def __init__(
+        self,
+        cls: type[Any],
+        build: Callable[[Section], T],
+        keys: Mapping[str, Key] | None = None,
+        extra: Mapping[str, Key] | None = None,
+    ) -> None:
+        self.cls, self.build = cls, build
+        self.keys: dict[str, tuple[str | None, Key]] = {}
+        for f in dataclasses.fields(cls):
+            k = f.metadata.get("key") or (keys or {}).get(f.name)
+            if k is not None:
+                default = f.default if k.default is MISSING else k.default
+                self.keys[k.yaml or f.name] = (f.name, dataclasses.replace(k, default=default))
+        self.keys.update((name, (None, k)) for name, k in (extra or {}).items())
+
+    def __call__(self, value: Any, path: str) -> T:
+        return self.build(self.read(value, path))
+
+    def read(self, data: Any, path: str) -> Section:
+        if not isinstance(data, dict):
+            raise ConfigError(path, f"must be a mapping, got {_type_name(data)}")
+        for name in data:
+            if name not in self.keys:
+                hint = difflib.get_close_matches(str(name), list(self.keys), n=1)
+                extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+                known = ", ".join(self.keys)
+                raise ConfigError(
+                    _join(path, str(name)), f"unknown key{extra}; known keys: {known}"
+                )
+        given = frozenset(name for name, value in data.items() if value not in (None, ""))
+        section = Section(path, given, {}, {})
+        for name, (attr, k) in self.keys.items():
+            at = _join(path, name)
+            if name in given:
+                value = k.coerce(data[name], at)
+            elif k.default is not MISSING:
+                value = k.default
+            elif isinstance(k.coerce, Schema):
+                value = k.coerce({}, at)
+            else:
+                raise ConfigError(at, k.required)
+            if attr is None:
+                section.extra[name] = value
+            else:
+                section.values[attr] = value
+        return section
+
+
+def section(cls: type[T], keys: Mapping[str, Key] | None = None) -> Schema[T]:
+    """The schema of a section without rules: ``cls`` made of its keys' values."""
+    return Schema(cls, lambda s: s.build(cls), keys)
+
+
+@dataclass(frozen=True)
+class OrNone(Generic[T]):
+    """An optional section: a mapping, true (every default) or false (None)."""
+
+    schema: Coercer[T]
+
+    def __call__(self, value: Any, path: str) -> T | None:
+        if isinstance(value, dict):
+            return self.schema(value, path)
+        on = _truth(value)
+        if on is None:
+            raise ConfigError(path, f"must be a mapping, true or false, got {_type_name(value)}")
+        return self.schema({}, path) if on else None
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+# --- the sections, each with its rules -------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
 class Listen:
-    host: str = "127.0.0.1"
-    port: int = 8080
+    host: str = key("127.0.0.1", text)
+    port: int = key(8080, Int(0, 65535))
 
 
 @dataclass(frozen=True, slots=True)
 class Admin:
     """The admin listener: /metrics, /healthz, /readyz."""
 
-    host: str = "127.0.0.1"
-    port: int = 9090
+    host: str = key("127.0.0.1", text)
+    port: int = key(9090, Int(0, 65535))
+
+
+def _admin(s: Section) -> Admin | None:
+    """``enabled: false`` turns the listener off, as ``admin: false`` does."""
+    return s.build(Admin) if s.extra["enabled"] else None
+
+
+_ADMIN = Schema(Admin, _admin, extra={"enabled": Key(boolean, default=True)})
 
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
-    connect: float = 5.0
+    connect: float = key(5.0, seconds)
     """Seconds to get a connection (TCP + TLS) to the upstream."""
-    read: float = 900.0
+    read: float = key(900.0, seconds)
     """Seconds the upstream may stay silent (Lambda functions run up to 15 minutes)."""
-    idle: float = 15.0
+    idle: float = key(15.0, seconds)
     """Seconds an idle pooled connection to the upstream is kept before it is closed."""
+
+
+_ROLE_ARN = Text(
+    re.compile(r"arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]+"),
+    "{!r} is not an IAM role ARN (arn:aws:iam::<account>:role/<name>)",
+)
+_SESSION_NAME = Text(
+    re.compile(r"[\w+=,.@-]{2,64}"), "must be 2-64 characters of letters, digits and +=,.@_-"
+)
 
 
 @dataclass(frozen=True, slots=True)
 class CredentialsSpec:
     """Where an upstream's AWS credentials come from. All empty = botocore's default chain."""
 
-    profile: str | None = None
-    role_arn: str | None = None
-    external_id: str | None = None
-    session_name: str | None = None
-    duration_seconds: int | None = None
+    profile: str | None = key(None, text)
+    role_arn: str | None = key(None, _ROLE_ARN)
+    external_id: str | None = key(None, text)
+    session_name: str | None = key(None, _SESSION_NAME)
+    duration_seconds: int | None = key(None, Int(900, 43200))
 
     def describe(self) -> str:
         base = f"profile {self.profile}" if self.profile else "default chain"
@@ -91,10 +363,78 @@ class CredentialsSpec:
         return base
 
 
+def _credentials(s: Section) -> CredentialsSpec:
+    """The keys that only say how to assume a role need role_arn."""
+    spec = s.build(CredentialsSpec)
+    if spec.role_arn is None:
+        for name in ("external_id", "session_name", "duration_seconds"):
+            if name in s.given:
+                raise ConfigError(s.at(name), "only applies together with role_arn")
+    return spec
+
+
+def _cors(s: Section) -> CorsConfig:
+    """Origins must be listed, and "*" can't carry credentials."""
+    cors = s.build(CorsConfig)
+    if not cors.allow_origins:
+        raise ConfigError(s.at("allow_origins"), 'list the origins allowed (or "*")')
+    if cors.allow_credentials and "*" in cors.allow_origins:
+        raise ConfigError(
+            s.at("allow_origins"),
+            '"*" cannot be combined with allow_credentials (the Fetch standard forbids it); '
+            "list the origins",
+        )
+    return cors
+
+
+_ORIGIN = Text(
+    re.compile(r"\*|https?://([a-z0-9*-]+(\.[a-z0-9*-]+)*|\[[0-9a-f:.]+\])(:(\d{1,5}|\*))?", re.I),
+    "{!r} is not an origin like https://app.example.com or http://localhost:*",
+)
+# CorsConfig belongs to sigproxy.cors, so its keys are listed here; defaults are its own
+# except expose_headers, where the proxy shows pages its request id unless told otherwise.
+_CORS = Schema(
+    CorsConfig,
+    _cors,
+    keys={
+        "allow_origins": Key(ListOf(_ORIGIN)),
+        "allow_methods": Key(ListOf(Text(normalize=str.upper))),
+        "allow_headers": Key(ListOf(Text(normalize=str.lower))),
+        "expose_headers": Key(ListOf(text), default=("X-Request-Id",)),
+        "allow_credentials": Key(boolean),
+        "max_age": Key(Int(0, 86400)),
+    },
+)
+CORS_KEYS = tuple(_CORS.keys)
+
+
+def _path_prefix(value: Any, path: str) -> str:
+    """A normalized path, without its trailing slash."""
+    prefix = text(value, path)
+    if not prefix.startswith("/") or "?" in prefix or "#" in prefix:
+        raise ConfigError(path, f"{prefix!r} must be a path starting with '/'")
+    try:
+        prefix = normalize_path(prefix)
+    except InvalidTarget as exc:
+        raise ConfigError(path, str(exc)) from None
+    return prefix if prefix == "/" else prefix.rstrip("/")
+
+
+_LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
+_NAME = Text(re.compile(r"[a-z0-9_-]{1,64}"), "{!r} must be 1-64 characters of a-z, 0-9, - and _")
+_HOST = Text(
+    re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*"),
+    "{!r} must be a host name without a port",
+    lambda host: host.lower().rstrip("."),
+)
+_REGION = Text(re.compile(r"[a-z]{2}(-[a-z]+)+-\d+"), "{!r} is not an AWS region name")
+_SERVICE = Text(re.compile(r"[a-z0-9-]{1,64}"), "{!r} is not an AWS service signing name")
+
+
 @dataclass(frozen=True, slots=True)
 class Upstream:
-    name: str
-    url: str
+    name: str = field(metadata=spec(_NAME))
+    url: str = field(metadata=spec(text))
     scheme: str
     host_header: str
     """The Host value sent (and signed): host name, plus the port when not the default."""
@@ -102,19 +442,93 @@ class Upstream:
     """``scheme://host[:port]``: where to connect."""
     base_path: str
     """``""`` or the URL's own path without a trailing slash, e.g. ``/api``."""
-    path_prefix: str
-    match_host: str | None
-    region: str
-    service: str
-    auth: AuthMode
-    credentials: CredentialsSpec
-    timeout: Timeouts
-    max_body_bytes: int
-    cors: CorsConfig | None = None
+    path_prefix: str = key("/", _path_prefix)
+    match_host: str | None = key(None, _HOST, yaml="host")
+    region: str = key("", _REGION)
+    """Left out: the URL's; ``""`` for an auth: none upstream whose URL doesn't say."""
+    service: str = key("lambda", _SERVICE)
+    auth: AuthMode = key("aws_iam", Choice(AUTH_MODES))
+    credentials: CredentialsSpec = key(CredentialsSpec(), Schema(CredentialsSpec, _credentials))
+    timeout: Timeouts = key(Timeouts(), section(Timeouts))
+    max_body_bytes: int = key(DEFAULT_MAX_BODY_BYTES, Int(0, 1 << 40))
+    cors: CorsConfig | None = key(None, OrNone(_CORS))
     url_host: str = ""
     """The URL's host name, lower-cased: what a forward-proxy request names."""
-    max_connections: int = DEFAULT_UPSTREAM_CONNECTIONS
+    max_connections: int = key(DEFAULT_UPSTREAM_CONNECTIONS, Int(1, 1 << 16))
     """Open connections to the upstream at most (Envoy's per-cluster default)."""
+
+
+def _upstream(s: Section) -> Upstream:
+    """What follows from the URL, and the region and credentials rules."""
+    derived = _from_url(s.values["url"], s.at("url"))
+    region, auth = s.values["region"], s.values["auth"]
+    url_region = _region_from_host(derived["url_host"])
+    if region and url_region and region != url_region:
+        raise ConfigError(
+            s.at("region"), f"{region} does not match the region in the URL ({url_region})"
+        )
+    region = region or url_region or ""
+    if not region and auth == "aws_iam":
+        raise ConfigError(
+            s.at("region"),
+            "is required: it cannot be read from the URL host "
+            "(only <id>.lambda-url.<region>.on.aws and API Gateway hosts carry it)",
+        )
+    if "credentials" in s.given and auth == "none":
+        raise ConfigError(s.at("credentials"), "is not used when auth is none; remove it")
+    return s.build(Upstream, region=region, **derived)
+
+
+def _from_url(url: str, path: str) -> dict[str, str]:
+    """The Upstream fields that follow from its URL, which must be one the proxy can use."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(path, f"{url!r} is not a valid URL: {exc}") from None
+    scheme = parts.scheme.lower()
+    hostname = (parts.hostname or "").lower()
+    if scheme not in ("https", "http") or not hostname:
+        raise ConfigError(path, f"{url!r} must be an https:// URL with a host")
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError(path, "must not contain a user name or password")
+    if parts.query or parts.fragment or url.endswith(("?", "#")):
+        raise ConfigError(path, "must not have a query string or fragment")
+    if scheme == "http" and not is_loopback(hostname):
+        raise ConfigError(
+            path,
+            f"plain http:// is only allowed for loopback hosts (127.0.0.0/8, ::1, localhost); "
+            f"use https://{parts.netloc}",
+        )
+    netloc_host = f"[{hostname}]" if ":" in hostname else hostname
+    default_port = 443 if scheme == "https" else 80
+    host_header = netloc_host if port in (None, default_port) else f"{netloc_host}:{port}"
+    try:
+        base_path = normalize_path(parts.path or "/")
+    except InvalidTarget as exc:
+        raise ConfigError(path, str(exc)) from None
+    return {
+        "scheme": scheme,
+        "host_header": host_header,
+        "origin": f"{scheme}://{host_header}",
+        "base_path": base_path.rstrip("/"),
+        "url_host": hostname,
+    }
+
+
+# Hosts whose name carries the region: Function URLs and API Gateway.
+_REGION_FROM_HOST = (
+    re.compile(r"^[a-z0-9]+\.lambda-url\.([a-z0-9-]+)\.on\.aws$"),
+    re.compile(r"^[a-z0-9]+\.execute-api\.([a-z0-9-]+)\.amazonaws\.com(\.cn)?$"),
+)
+
+
+def _region_from_host(hostname: str) -> str | None:
+    for pattern in _REGION_FROM_HOST:
+        m = pattern.match(hostname)
+        if m:
+            return m.group(1)
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,15 +536,43 @@ class InboundAuth:
     """Who may use the proxy: a token in ``Authorization: Bearer <token>`` or, with
     ``header`` set, the token as that header's whole value."""
 
-    tokens: tuple[str, ...]
-    header: str = "Authorization"
+    tokens: tuple[str, ...] = key((), ListOf(text))
+    header: str = key(
+        "Authorization",
+        Text(re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+"), "{!r} is not a header name"),
+    )
+
+
+_TOKEN_RE = re.compile(r"[\x21-\x7e]{16,}")
+
+
+def _inbound_auth(s: Section) -> InboundAuth:
+    """The tokens listed and those in tokens_file (one a line): at least one, all long."""
+    tokens = [t for t in s.values["tokens"] if t]
+    path = s.extra["tokens_file"]
+    if path is not None:  # relative to the working directory, like any path argument
+        try:
+            with open(path, encoding="utf-8") as fh:
+                tokens.extend(line.strip() for line in fh if line.strip())
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or "not UTF-8 text"
+            raise ConfigError(s.at("tokens_file"), f"cannot read {path}: {reason}") from None
+    if not tokens:
+        raise ConfigError(s.path, "needs at least one token (tokens: [${VAR}] or tokens_file)")
+    if not all(_TOKEN_RE.fullmatch(t) for t in tokens):
+        # The token itself never appears in the message.
+        raise ConfigError(s.path, "tokens must be at least 16 printable characters without spaces")
+    return s.build(InboundAuth, tokens=tuple(tokens))
+
+
+_INBOUND_AUTH = Schema(InboundAuth, _inbound_auth, extra={"tokens_file": Key(text, default=None)})
 
 
 @dataclass(frozen=True, slots=True)
 class ClientTimeouts:
-    header: float = 15.0
+    header: float = key(15.0, seconds)
     """Seconds a connection may take to send a complete request head (and stay idle)."""
-    body: float = 60.0
+    body: float = key(60.0, seconds)
     """Seconds the request body may take to arrive."""
 
 
@@ -138,43 +580,125 @@ class ClientTimeouts:
 class Limits:
     """Bounds on what clients can make the process hold, before and after admission."""
 
-    max_header_bytes: int = 64 * 1024
+    max_header_bytes: int = key(64 * 1024, Int(1024, 1 << 20))
     """A whole request head (request line and headers); Envoy's default is 60 KiB."""
-    max_client_connections: int = 1024
-    """Open client connections per listener (the proxy port and the admin port each)."""
-    body_memory_bytes: int = DEFAULT_BODY_MEMORY_BYTES
+    max_client_connections: int = key(256, Int(1, 1 << 20))
+    """Open client connections per listener (the proxy port and the admin port each).
+    A hostile connection can make the process hold about 0.6 MiB before it is
+    authenticated (two pipelined heads at the cap and one unparsed read): 256 of them
+    stay inside a 256Mi container with the body budget. Raise both with the memory."""
+    body_memory_bytes: int = key(DEFAULT_BODY_MEMORY_BYTES, Int(0, 1 << 40))
     """Request bodies held in memory at once, process-wide."""
 
 
-DEFAULT_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+def _network(value: Any, path: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """An address or a CIDR."""
+    item = text(value, path)
+    try:
+        return ipaddress.ip_network(item, strict=False)
+    except ValueError:
+        raise ConfigError(path, f"{item!r} is not an address or CIDR") from None
+
+
+_ALLOWED_HOST_RE = re.compile(rf"\*|(\*\.)?{_LABEL}(\.{_LABEL})*|[0-9.]+|\[[0-9a-f:.]+\]")
+
+
+def _allowed_host(value: Any, path: str) -> str:
+    """A host name (lower-case, without its final dot), ``*.suffix`` or ``*``."""
+    raw = text(value, path)
+    host = raw.lower()
+    if host != "*":
+        host = host.removesuffix(".")  # a fully qualified name is the same name
+    if ":" in host and not host.startswith("["):
+        with contextlib.suppress(ValueError):  # a bare IPv6 address gets its brackets
+            ipaddress.IPv6Address(host)
+            host = f"[{host}]"
+    if not _ALLOWED_HOST_RE.fullmatch(host) or (host == "*" and raw != "*"):
+        raise ConfigError(
+            path,
+            f'{raw!r} is not a host name (without a port), a pattern like *.example.com, or "*"',
+        )
+    return host
+
+
+# CONNECT asks for a tunnel, which the proxy never opens.
+_METHOD = Text(
+    re.compile(r"(?!CONNECT$)[A-Z]{1,20}"), "{!r} is not a method sigproxy forwards", str.upper
+)
+_UPSTREAMS = ListOf(Schema(Upstream, _upstream), "upstreams", nonempty=True)
 
 
 @dataclass(frozen=True, slots=True)
 class Config:
-    listen: Listen
-    upstreams: tuple[Upstream, ...]
-    log_level: str = "info"
-    log_format: str = "text"
-    admin: Admin | None = Admin()
+    listen: Listen = field(metadata=spec(section(Listen)))
+    upstreams: tuple[Upstream, ...] = field(
+        metadata=spec(_UPSTREAMS, "is required: list at least one upstream")
+    )
+    log_level: str = key("info", Choice(LOG_LEVELS))
+    log_format: str = key("text", Choice(LOG_FORMATS))
+    admin: Admin | None = key(Admin(), OrNone(_ADMIN))
     """None when the admin listener is disabled (``admin: false``)."""
-    grace_period: float = 30.0
+    grace_period: float = key(30.0, seconds)
     """Seconds requests in flight may take to finish after SIGTERM."""
-    inbound_auth: InboundAuth | None = None
-    allow_unauthenticated: bool = False
-    allowed_clients: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    inbound_auth: InboundAuth | None = key(None, OrNone(_INBOUND_AUTH))
+    allow_unauthenticated: bool = key(False, boolean)
+    allowed_clients: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = key(
+        (), ListOf(_network, "addresses or CIDRs", nonempty=True)
+    )
     """Empty: any client address."""
-    allowed_methods: tuple[str, ...] = DEFAULT_METHODS
-    client_timeouts: ClientTimeouts = ClientTimeouts()
-    limits: Limits = Limits()
-    allowed_hosts: tuple[str, ...] = ()
+    allowed_methods: tuple[str, ...] = key(
+        DEFAULT_METHODS, ListOf(_METHOD, "HTTP methods", nonempty=True)
+    )
+    client_timeouts: ClientTimeouts = key(ClientTimeouts(), section(ClientTimeouts))
+    limits: Limits = key(Limits(), section(Limits))
+    allowed_hosts: tuple[str, ...] = key((), ListOf(_allowed_host))
     """Host names (or ``*.suffix`` patterns, or ``*``) served besides the defaults: see
     :func:`default_hosts`."""
-    allow_cross_site_navigation: bool = False
+    allow_cross_site_navigation: bool = key(False, boolean)
     """Let links and bookmarks on other sites open GET/HEAD pages through the proxy."""
-    signer: str = "builtin"
+    signer: str = key("builtin", Choice(SIGNERS))
     """``builtin`` (sigproxy's own SigV4 code) or ``botocore`` (botocore's SigV4Auth);
     both give byte-identical signatures, botocore's at about four times the CPU."""
     source: str = field(default="<config>", compare=False)
+
+
+def _config(s: Section) -> Config:
+    """The rules across sections."""
+    config = s.build(Config)
+    _check_routes(config.upstreams)
+    admin, listen = config.admin, config.listen
+    if admin is not None and admin.port and (admin.host, admin.port) == (listen.host, listen.port):
+        raise ConfigError("admin.port", f"{admin.port} is the proxy's own port (listen.port)")
+    check_exposure(config)
+    return config
+
+
+def _check_routes(upstreams: tuple[Upstream, ...]) -> None:
+    """Names are unique, and so is each (host, path_prefix) route."""
+    names: dict[str, int] = {}
+    routes: dict[tuple[str | None, str], str] = {}
+    for i, upstream in enumerate(upstreams):
+        if upstream.name in names:
+            raise ConfigError(
+                f"upstreams[{i}].name",
+                f"duplicate name {upstream.name!r} (also upstreams[{names[upstream.name]}])",
+            )
+        names[upstream.name] = i
+        route = (upstream.match_host, upstream.path_prefix)
+        if route in routes:
+            where = f"host {route[0]} and " if route[0] else ""
+            raise ConfigError(
+                f"upstreams[{i}].path_prefix",
+                f"{where}prefix {route[1]} are already routed to upstream {routes[route]!r}",
+            )
+        routes[route] = upstream.name
+
+
+# The emulator: section is read by sigproxy.emulator.config.
+SCHEMA = Schema(Config, _config, extra={"emulator": Key(lambda value, path: value, default=None)})
+
+
+# --- files, YAML and ${VAR} ------------------------------------------------------------
 
 
 def load_config(path: str, environ: Mapping[str, str] | None = None) -> Config:
@@ -186,7 +710,7 @@ def parse_config(
     text: str, source: str = "<config>", environ: Mapping[str, str] | None = None
 ) -> Config:
     """Validate config given as YAML text."""
-    return _build_config(parse_yaml(text, environ), source)
+    return dataclasses.replace(SCHEMA(parse_yaml(text, environ), ""), source=source)
 
 
 def read_text(path: str) -> str:
@@ -230,14 +754,7 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-_TRUE = frozenset({"true", "yes", "on", "1"})
-_FALSE = frozenset({"false", "no", "off", "0"})
-
-
-class _Expanded(str):
-    """A string produced by ``${VAR}`` expansion: numeric fields may parse it."""
-
-    __slots__ = ()
+_ENV_RE = re.compile(r"\$(?:\$|\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\})")
 
 
 def _expand(value: Any, path: str, environ: Mapping[str, str]) -> Any:
@@ -264,213 +781,7 @@ def _expand(value: Any, path: str, environ: Mapping[str, str]) -> Any:
     return value
 
 
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-class Section:
-    """A mapping being validated: typed getters that know their key path."""
-
-    def __init__(self, data: Any, path: str, allowed: tuple[str, ...]) -> None:
-        if not isinstance(data, dict):
-            raise ConfigError(path, f"must be a mapping, got {_type_name(data)}")
-        for key in data:
-            if not isinstance(key, str) or key not in allowed:
-                hint = difflib.get_close_matches(str(key), allowed, n=1)
-                extra = f" (did you mean {hint[0]!r}?)" if hint else ""
-                known = ", ".join(allowed)
-                raise ConfigError(_join(path, str(key)), f"unknown key{extra}; known keys: {known}")
-        self.data: dict[str, Any] = data
-        self.path = path
-
-    def at(self, key: str) -> str:
-        return _join(self.path, key)
-
-    def text(self, key: str, default: str | None = None) -> str | None:
-        value = self.data.get(key)
-        if value is None:
-            return default
-        if not isinstance(value, str):
-            raise ConfigError(self.at(key), f"must be a string, got {_type_name(value)}")
-        return str(value)
-
-    def integer(self, key: str, default: int | None, minimum: int, maximum: int) -> int | None:
-        value = self.data.get(key)
-        if value is None:
-            return default
-        if isinstance(value, _Expanded) and re.fullmatch(r"\s*-?\d+\s*", value):
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(self.at(key), f"must be an integer, got {_type_name(value)}")
-        if not minimum <= value <= maximum:
-            raise ConfigError(self.at(key), f"must be between {minimum} and {maximum}, got {value}")
-        return value
-
-    def seconds(self, key: str, default: float) -> float:
-        value = self.data.get(key)
-        if value is None:
-            return default
-        if isinstance(value, _Expanded):
-            with contextlib.suppress(ValueError):
-                value = float(value)
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(self.at(key), f"must be a number of seconds, got {_type_name(value)}")
-        if not 0 < value <= 86400:
-            raise ConfigError(self.at(key), f"must be more than 0 and at most 86400, got {value}")
-        return float(value)
-
-    def boolean(self, key: str, default: bool) -> bool:
-        """true/false; from ``${VAR}`` also yes/no, on/off and 1/0."""
-        value = self.data.get(key)
-        if value is None:
-            return default
-        if isinstance(value, _Expanded):
-            word = value.strip().lower()
-            if word in _TRUE or word in _FALSE:
-                return word in _TRUE
-        if not isinstance(value, bool):
-            raise ConfigError(self.at(key), f"must be true or false, got {_type_name(value)}")
-        return value
-
-    def strings(self, key: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
-        """A list of strings, each stripped of surrounding white space."""
-        value = self.data.get(key)
-        if value is None:
-            return default
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(self.at(key), "must be a list of strings")
-        return tuple(v.strip() for v in value)
-
-    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
-        value = self.text(key, default)
-        assert value is not None
-        if value not in choices:
-            raise ConfigError(self.at(key), f"must be one of {', '.join(choices)}, got {value!r}")
-        return value
-
-
-def _type_name(value: Any) -> str:
-    if value is None:
-        return "nothing"
-    if isinstance(value, bool):
-        return "a boolean"
-    return {
-        "dict": "a mapping",
-        "list": "a list",
-        "str": "a string",
-        "_Expanded": "a string",
-        "int": "an integer",
-        "float": "a number",
-    }.get(type(value).__name__, type(value).__name__)
-
-
-T = TypeVar("T")
-
-
-def optional_section(
-    parent: Section, key: str, allowed: tuple[str, ...], build: Callable[[Section], T], default: T
-) -> T:
-    value = parent.data.get(key)
-    if value is None:
-        return default
-    return build(Section(value, parent.at(key), allowed))
-
-
-def _build_config(data: Any, source: str) -> Config:
-    # The emulator section is validated by sigproxy.emulator.config.
-    top = Section(
-        data,
-        "",
-        (
-            "listen",
-            "admin",
-            "upstreams",
-            "log_level",
-            "log_format",
-            "grace_period",
-            "inbound_auth",
-            "allow_unauthenticated",
-            "allowed_clients",
-            "allowed_methods",
-            "client_timeouts",
-            "limits",
-            "allowed_hosts",
-            "allow_cross_site_navigation",
-            "signer",
-            "emulator",
-        ),
-    )
-    listen = optional_section(
-        top,
-        "listen",
-        ("host", "port"),
-        lambda s: Listen(
-            host=s.text("host", "127.0.0.1") or "127.0.0.1",
-            port=s.integer("port", 8080, 0, 65535) or 0,
-        ),
-        Listen(),
-    )
-    log_level = top.choice("log_level", "info", LOG_LEVELS)
-    log_format = top.choice("log_format", "text", LOG_FORMATS)
-    grace_period = top.seconds("grace_period", 30.0)
-    signer = top.choice("signer", "builtin", SIGNERS)
-    admin = _build_admin(top, listen)
-    raw_upstreams = top.data.get("upstreams")
-    if raw_upstreams is None:
-        raise ConfigError("upstreams", "is required: list at least one upstream")
-    if not isinstance(raw_upstreams, list) or not raw_upstreams:
-        raise ConfigError("upstreams", "must be a non-empty list of upstreams")
-    upstreams: list[Upstream] = []
-    names: dict[str, int] = {}
-    routes: dict[tuple[str | None, str], str] = {}
-    for i, raw in enumerate(raw_upstreams):
-        upstream = _build_upstream(Section(raw, f"upstreams[{i}]", _UPSTREAM_KEYS))
-        if upstream.name in names:
-            raise ConfigError(
-                f"upstreams[{i}].name",
-                f"duplicate name {upstream.name!r} (also upstreams[{names[upstream.name]}])",
-            )
-        names[upstream.name] = i
-        route = (upstream.match_host, upstream.path_prefix)
-        if route in routes:
-            where = f"host {route[0]} and " if route[0] else ""
-            raise ConfigError(
-                f"upstreams[{i}].path_prefix",
-                f"{where}prefix {route[1]} are already routed to upstream {routes[route]!r}",
-            )
-        routes[route] = upstream.name
-        upstreams.append(upstream)
-    inbound_auth = optional_section(
-        top, "inbound_auth", ("tokens", "tokens_file", "header"), _build_inbound_auth, None
-    )
-    config = Config(
-        listen=listen,
-        upstreams=tuple(upstreams),
-        log_level=log_level,
-        log_format=log_format,
-        admin=admin,
-        grace_period=grace_period,
-        inbound_auth=inbound_auth,
-        allow_unauthenticated=top.boolean("allow_unauthenticated", False),
-        allowed_clients=_build_clients(top),
-        allowed_methods=_build_methods(top),
-        signer=signer,
-        client_timeouts=optional_section(
-            top,
-            "client_timeouts",
-            ("header", "body"),
-            lambda t: ClientTimeouts(
-                header=t.seconds("header", 15.0), body=t.seconds("body", 60.0)
-            ),
-            ClientTimeouts(),
-        ),
-        limits=optional_section(top, "limits", _LIMIT_KEYS, _build_limits, Limits()),
-        allowed_hosts=_build_allowed_hosts(top),
-        allow_cross_site_navigation=top.boolean("allow_cross_site_navigation", False),
-        source=source,
-    )
-    check_exposure(config)
-    return config
+# --- checks on a whole config ----------------------------------------------------------
 
 
 def check_exposure(config: Config) -> None:
@@ -527,348 +838,3 @@ def with_listen(config: Config, host: str | None, port: int | None) -> Config:
             raise
         raise ConfigError("--host", exc.message) from None
     return changed
-
-
-_LIMIT_KEYS = ("max_header_bytes", "max_client_connections", "body_memory_bytes")
-
-
-def _build_limits(s: Section) -> Limits:
-    d = Limits()
-    return Limits(
-        max_header_bytes=_int(s, "max_header_bytes", d.max_header_bytes, 1024, 1 << 20),
-        max_client_connections=_int(
-            s, "max_client_connections", d.max_client_connections, 1, 1 << 20
-        ),
-        body_memory_bytes=_int(s, "body_memory_bytes", d.body_memory_bytes, 0, 1 << 40),
-    )
-
-
-def _int(s: Section, key: str, default: int, minimum: int, maximum: int) -> int:
-    value = s.integer(key, default, minimum, maximum)
-    assert value is not None
-    return value
-
-
-_ALLOWED_HOST_RE = re.compile(rf"^(\*|(\*\.)?{_LABEL}(\.{_LABEL})*|[0-9.]+|\[[0-9a-f:.]+\])$")
-
-
-def _build_allowed_hosts(top: Section) -> tuple[str, ...]:
-    hosts = []
-    for i, raw in enumerate(top.strings("allowed_hosts")):
-        host = raw.lower()
-        if host != "*":
-            host = host.removesuffix(".")  # a fully qualified name is the same name
-        if ":" in host and not host.startswith("["):
-            host = f"[{host}]" if _is_ipv6(host) else host
-        if not _ALLOWED_HOST_RE.match(host) or (host == "*" and raw != "*"):
-            raise ConfigError(
-                f"allowed_hosts[{i}]",
-                f"{raw!r} is not a host name (without a port), a pattern like "
-                '*.example.com, or "*"',
-            )
-        hosts.append(host)
-    return tuple(hosts)
-
-
-def _is_ipv6(text: str) -> bool:
-    try:
-        return ipaddress.ip_address(text).version == 6
-    except ValueError:
-        return False
-
-
-_TOKEN_RE = re.compile(r"^[\x21-\x7e]{16,}$")
-_HEADER_NAME_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
-
-
-def _build_inbound_auth(a: Section) -> InboundAuth:
-    tokens = [t for t in a.strings("tokens") if t]
-    path = a.text("tokens_file")
-    if path is not None:
-        try:
-            with open(path, encoding="utf-8") as fh:
-                tokens.extend(line.strip() for line in fh if line.strip())
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = getattr(exc, "strerror", None) or "not UTF-8 text"
-            raise ConfigError(a.at("tokens_file"), f"cannot read {path}: {reason}") from None
-    if not tokens:
-        raise ConfigError(
-            "inbound_auth", "needs at least one token (tokens: [${VAR}] or tokens_file)"
-        )
-    for token in tokens:
-        if not _TOKEN_RE.match(token):
-            # The token itself never appears in the message.
-            raise ConfigError(
-                "inbound_auth", "tokens must be at least 16 printable characters without spaces"
-            )
-    header = a.text("header", "Authorization") or "Authorization"
-    if not _HEADER_NAME_RE.match(header):
-        raise ConfigError(a.at("header"), f"{header!r} is not a header name")
-    return InboundAuth(tokens=tuple(tokens), header=header)
-
-
-def _build_clients(top: Section) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-    raw = top.data.get("allowed_clients")
-    if raw is None:
-        return ()
-    if not isinstance(raw, list) or not raw:
-        raise ConfigError("allowed_clients", "must be a non-empty list of addresses or CIDRs")
-    nets = []
-    for i, item in enumerate(raw):
-        try:
-            nets.append(ipaddress.ip_network(str(item), strict=False))
-        except ValueError:
-            raise ConfigError(
-                f"allowed_clients[{i}]", f"{item!r} is not an address or CIDR"
-            ) from None
-    return tuple(nets)
-
-
-def _build_methods(top: Section) -> tuple[str, ...]:
-    raw = top.data.get("allowed_methods")
-    if raw is None:
-        return DEFAULT_METHODS
-    if not isinstance(raw, list) or not raw or not all(isinstance(m, str) for m in raw):
-        raise ConfigError("allowed_methods", "must be a non-empty list of HTTP methods")
-    methods = tuple(m.upper() for m in raw)
-    for i, m in enumerate(methods):
-        if not re.fullmatch(r"[A-Z]{1,20}", m) or m == "CONNECT":
-            raise ConfigError(f"allowed_methods[{i}]", f"{m!r} is not a method sigproxy forwards")
-    return methods
-
-
-def _build_admin(top: Section, listen: Listen) -> Admin | None:
-    raw = top.data.get("admin")
-    admin: Admin | None = Admin()
-    if raw is False:
-        admin = None
-    elif raw is not None and raw is not True:
-        s = Section(raw, "admin", ("host", "port", "enabled"))
-        enabled = s.boolean("enabled", True)
-        admin = Admin(
-            host=s.text("host", "127.0.0.1") or "127.0.0.1",
-            port=s.integer("port", 9090, 0, 65535) or 0,
-        )
-        if not enabled:
-            admin = None
-    if admin is not None and admin.port and (admin.host, admin.port) == (listen.host, listen.port):
-        raise ConfigError("admin.port", f"{admin.port} is the proxy's own port (listen.port)")
-    return admin
-
-
-_UPSTREAM_KEYS = (
-    "name",
-    "url",
-    "path_prefix",
-    "host",
-    "region",
-    "service",
-    "auth",
-    "credentials",
-    "timeout",
-    "max_body_bytes",
-    "max_connections",
-    "cors",
-)
-
-
-def _build_upstream(s: Section) -> Upstream:
-    name = s.text("name")
-    if name is None:
-        raise ConfigError(s.at("name"), "is required")
-    if not _NAME_RE.match(name):
-        raise ConfigError(s.at("name"), f"{name!r} must be 1-64 characters of a-z, 0-9, - and _")
-
-    url = s.text("url")
-    if url is None:
-        raise ConfigError(s.at("url"), "is required")
-    scheme, hostname, port, origin, host_header, base_path = _parse_url(url, s.at("url"))
-
-    prefix_raw = s.text("path_prefix", "/") or "/"
-    if not prefix_raw.startswith("/") or "?" in prefix_raw or "#" in prefix_raw:
-        raise ConfigError(s.at("path_prefix"), f"{prefix_raw!r} must be a path starting with '/'")
-    try:
-        path_prefix = normalize_path(prefix_raw)
-    except InvalidTarget as exc:
-        raise ConfigError(s.at("path_prefix"), str(exc)) from None
-    if path_prefix != "/":
-        path_prefix = path_prefix.rstrip("/")
-
-    match_host = s.text("host")
-    if match_host is not None:
-        match_host = match_host.strip().lower().rstrip(".")
-        if not _HOSTNAME_RE.match(match_host):
-            raise ConfigError(s.at("host"), f"{match_host!r} must be a host name without a port")
-
-    service = s.text("service", "lambda") or "lambda"
-    if not _SERVICE_RE.match(service):
-        raise ConfigError(s.at("service"), f"{service!r} is not an AWS service signing name")
-
-    url_region = _region_from_host(hostname)
-    region = s.text("region")
-    if region is not None:
-        if not _REGION_RE.match(region):
-            raise ConfigError(s.at("region"), f"{region!r} is not an AWS region name")
-        if url_region is not None and url_region != region:
-            raise ConfigError(
-                s.at("region"), f"{region} does not match the region in the URL ({url_region})"
-            )
-    else:
-        region = url_region
-    auth = s.choice("auth", "aws_iam", ("aws_iam", "none"))
-    if region is None:
-        if auth == "aws_iam":
-            raise ConfigError(
-                s.at("region"),
-                "is required: it cannot be read from the URL host "
-                "(only <id>.lambda-url.<region>.on.aws and API Gateway hosts carry it)",
-            )
-        region = ""
-
-    credentials = optional_section(s, "credentials", _CREDENTIAL_KEYS, _build_credentials, None)
-    if credentials is not None and auth == "none":
-        raise ConfigError(s.at("credentials"), "is not used when auth is none; remove it")
-
-    timeout = optional_section(
-        s,
-        "timeout",
-        ("connect", "read", "idle"),
-        lambda t: Timeouts(
-            connect=t.seconds("connect", 5.0),
-            read=t.seconds("read", 900.0),
-            idle=t.seconds("idle", 15.0),
-        ),
-        Timeouts(),
-    )
-    max_body = s.integer("max_body_bytes", DEFAULT_MAX_BODY_BYTES, 0, 1 << 40)
-    assert max_body is not None
-    cors = optional_section(s, "cors", CORS_KEYS, _build_cors, None)
-    del port
-    return Upstream(
-        name=name,
-        url=url,
-        scheme=scheme,
-        host_header=host_header,
-        origin=origin,
-        base_path=base_path,
-        path_prefix=path_prefix,
-        match_host=match_host,
-        region=region,
-        service=service,
-        auth=auth,  # type: ignore[arg-type]
-        credentials=credentials or CredentialsSpec(),
-        timeout=timeout,
-        max_body_bytes=max_body,
-        cors=cors,
-        url_host=hostname,
-        max_connections=_int(s, "max_connections", DEFAULT_UPSTREAM_CONNECTIONS, 1, 1 << 16),
-    )
-
-
-CORS_KEYS = (
-    "allow_origins",
-    "allow_methods",
-    "allow_headers",
-    "expose_headers",
-    "allow_credentials",
-    "max_age",
-)
-_ORIGIN_RE = re.compile(r"^https?://([a-z0-9*-]+(\.[a-z0-9*-]+)*|\[[0-9a-f:.]+\])(:(\d{1,5}|\*))?$")
-
-
-def _build_cors(c: Section) -> CorsConfig:
-    strings = c.strings
-    origins = strings("allow_origins")
-    if not origins:
-        raise ConfigError(c.at("allow_origins"), 'list the origins allowed (or "*")')
-    for i, origin in enumerate(origins):
-        if origin != "*" and not _ORIGIN_RE.match(origin.lower()):
-            raise ConfigError(
-                f"{c.at('allow_origins')}[{i}]",
-                f"{origin!r} is not an origin like https://app.example.com or http://localhost:*",
-            )
-    credentials = c.boolean("allow_credentials", False)
-    if credentials and "*" in origins:
-        raise ConfigError(
-            c.at("allow_origins"),
-            '"*" cannot be combined with allow_credentials (the Fetch standard forbids it); '
-            "list the origins",
-        )
-    methods = tuple(m.upper() for m in strings("allow_methods", ("GET", "HEAD", "POST")))
-    return CorsConfig(
-        allow_origins=origins,
-        allow_methods=methods,
-        allow_headers=tuple(h.lower() for h in strings("allow_headers")),
-        expose_headers=strings("expose_headers", ("X-Request-Id",)),
-        allow_credentials=credentials,
-        max_age=c.integer("max_age", 600, 0, 86400) or 0,
-    )
-
-
-_CREDENTIAL_KEYS = ("profile", "role_arn", "external_id", "session_name", "duration_seconds")
-_ROLE_ARN_RE = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]+$")
-
-
-def _build_credentials(c: Section) -> CredentialsSpec:
-    role_arn = c.text("role_arn")
-    if role_arn is not None and not _ROLE_ARN_RE.match(role_arn):
-        raise ConfigError(
-            c.at("role_arn"),
-            f"{role_arn!r} is not an IAM role ARN (arn:aws:iam::<account>:role/<name>)",
-        )
-    spec = CredentialsSpec(
-        profile=c.text("profile"),
-        role_arn=role_arn,
-        external_id=c.text("external_id"),
-        session_name=c.text("session_name"),
-        duration_seconds=c.integer("duration_seconds", None, 900, 43200),
-    )
-    if role_arn is None:
-        for key in ("external_id", "session_name", "duration_seconds"):
-            if c.data.get(key) is not None:
-                raise ConfigError(c.at(key), "only applies together with role_arn")
-    if spec.session_name is not None and not re.fullmatch(r"[\w+=,.@-]{2,64}", spec.session_name):
-        raise ConfigError(
-            c.at("session_name"), "must be 2-64 characters of letters, digits and +=,.@_-"
-        )
-    return spec
-
-
-def _parse_url(url: str, path: str) -> tuple[str, str, int | None, str, str, str]:
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise ConfigError(path, f"{url!r} is not a valid URL: {exc}") from None
-    scheme = parts.scheme.lower()
-    hostname = (parts.hostname or "").lower()
-    if scheme not in ("https", "http") or not hostname:
-        raise ConfigError(path, f"{url!r} must be an https:// URL with a host")
-    if parts.username is not None or parts.password is not None:
-        raise ConfigError(path, "must not contain a user name or password")
-    if parts.query or parts.fragment or url.rstrip().endswith(("?", "#")):
-        raise ConfigError(path, "must not have a query string or fragment")
-    if scheme == "http" and not is_loopback(hostname):
-        raise ConfigError(
-            path,
-            f"plain http:// is only allowed for loopback hosts (127.0.0.0/8, ::1, localhost); "
-            f"use https://{parts.netloc}",
-        )
-    netloc_host = f"[{hostname}]" if ":" in hostname else hostname
-    default_port = 443 if scheme == "https" else 80
-    host_header = netloc_host if port in (None, default_port) else f"{netloc_host}:{port}"
-    origin = f"{scheme}://{host_header}"
-    try:
-        base_path = normalize_path(parts.path or "/")
-    except InvalidTarget as exc:
-        raise ConfigError(path, str(exc)) from None
-    base_path = base_path.rstrip("/")
-    return scheme, hostname, port, origin, host_header, base_path
-
-
-def _region_from_host(hostname: str) -> str | None:
-    for pattern in _REGION_FROM_HOST:
-        m = pattern.match(hostname)
-        if m:
-            return m.group(1)
-    return None
