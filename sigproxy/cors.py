@@ -41,6 +41,14 @@ def origin_pattern(origin: str) -> re.Pattern[str]:
     return re.compile("^" + "".join(out) + "$")
 
 
+_TOKEN = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]{1,64}$")
+
+
+def _names(headers: list[str]) -> str:
+    shown = [h if _TOKEN.match(h) else "(not a header name)" for h in headers[:10]]
+    return ", ".join(shown)
+
+
 class CorsPolicy:
     """A compiled :class:`CorsConfig`."""
 
@@ -73,7 +81,7 @@ class CorsPolicy:
             return "the page's origin is not in cors.allow_origins"  # never echoed
         method = method.upper()
         if not (self.any_method or method in self._methods or method in SAFELISTED_METHODS):
-            return f"method {method} is not allowed"
+            return "the requested method is not in cors.allow_methods"
         wanted = [h.strip().lower() for h in request_headers if h.strip()]
         denied = [
             h
@@ -81,7 +89,9 @@ class CorsPolicy:
             if h not in self._headers and h not in SAFELISTED_HEADERS and not self.any_header
         ]
         if denied:
-            return f"request header(s) {', '.join(denied)} not allowed"
+            # Named (they are header names, as a developer needs them) but never echoed
+            # beyond the header-name characters.
+            return f"request header(s) not in cors.allow_headers: {_names(denied)}"
         headers = [
             ("Access-Control-Allow-Origin", self._allow_origin_value(origin)),
             ("Access-Control-Allow-Methods", method),

@@ -18,8 +18,9 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
+from aiohttp.http_parser import HttpRequestParser
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
-from aiohttp.web_protocol import RequestHandler, _ErrInfo
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server
 
@@ -28,6 +29,7 @@ from .config import Limits
 log = logging.getLogger("sigproxy.protocol")
 
 Handler = Callable[[BaseRequest], Awaitable[web.StreamResponse]]
+_QUEUED_REQUESTS = 2
 
 
 class HeadTooLarge(HttpProcessingError):
@@ -73,32 +75,54 @@ class BoundedRequestHandler(RequestHandler):
         self._head_bytes = 0
         self._body: StreamReader | None = None
         self._refused = False
+        # aiohttp parses and queues up to 32 requests per connection before it stops:
+        # 32 pipelined heads just under the cap would park 4 MB. Two at a time (one in
+        # hand, one behind it) is what pipelining clients need; the parser then keeps
+        # the rest of a read unparsed and reading stops until they are taken.
+        self._max_msg_queue_size = _QUEUED_REQUESTS
+        self._msg_queue_resume_size = _QUEUED_REQUESTS - 1
+        self._parser = HttpRequestParser(
+            self,
+            self._loop,
+            self._read_bufsize,
+            max_line_size=self.max_line_size,
+            max_field_size=self.max_field_size,
+            max_headers=self.max_headers,
+            payload_exception=RequestPayloadError,
+            auto_decompress=False,
+            max_msg_queue_size=_QUEUED_REQUESTS,
+        )
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
-        # Bytes count towards a head while no request body is still arriving.
-        in_head = self._body is None or self._body.is_eof()
-        queued = len(self._messages)
+        body = self._body
+        in_head = body is None or body.is_eof()
+        messages = self._messages
+        queued = len(messages)
         super().data_received(data)
-        if not in_head:
-            return
         limit = self._limits.max_header_bytes
-        received = self._head_bytes + len(data)
-        if len(self._messages) == queued:
-            self._head_bytes = received
-            if received > limit:
-                self._refuse_head(None)
+        if len(messages) == queued:
+            if in_head:  # bytes count towards a head while no body is arriving
+                self._head_bytes += len(data)
+                if self._head_bytes > limit:
+                    self._refuse_head(None)
             return
+        # Every head that completed is measured: one that began in a read which also
+        # ended another was not counted while it arrived.
+        for index in range(queued, len(messages)):
+            message = messages[index][0]
+            if isinstance(message, _ErrInfo):
+                if body is not None and not body.is_eof():
+                    # The body being read broke its framing (a bad chunk size, trailers
+                    # too large): its reader hears it now, not at the body timeout.
+                    body.set_exception(message.exc)
+                continue
+            if _head_size(message) > limit:
+                self._refuse_head(index)
+                return
         self._head_bytes = 0
-        self._body = self._messages[-1][1]
-        if received > limit:
-            # Only then can a head that completed in this read be too large.
-            for index in range(queued, len(self._messages)):
-                message = self._messages[index][0]
-                if isinstance(message, _ErrInfo) or _head_size(message) > limit:
-                    self._refuse_head(index)
-                    return
+        self._body = messages[-1][1]
 
     @property
     def _limits(self) -> Limits:

@@ -21,11 +21,13 @@ import time
 from dataclasses import dataclass
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from .canonical import split_target
 from .config import Config
 from .cors import CorsPolicy
 from .errors import (
+    BadRequest,
     BodyTooLarge,
     ExpectationFailed,
     Forbidden,
@@ -170,21 +172,25 @@ class Proxy:
     def _preflight(
         self, request: web.BaseRequest, table: RouteTable, request_id: str, outcome: _Outcome
     ) -> web.Response:
-        try:
-            target = table.resolve(request.raw_path, request.headers.get("Host")).target
-        except ProxyError:
-            raise Forbidden(
-                "CORS preflight refused: no upstream with a CORS policy serves this path",
-                code="cors_refused",
-            ) from None
-        outcome.upstream = target.upstream.name
-        if target.cors is None:
-            raise Forbidden(
-                "CORS preflight refused: this upstream has no cors section", code="cors_refused"
-            )
+        """Answer a CORS preflight. Preflights come without tokens, so a refused one tells
+        nothing about routes: a path with no route, an upstream without a cors section
+        and an origin the policy does not list all get the same answer."""
         headers = request.headers
+        origin = headers["Origin"]
+        target: Target | None
+        try:
+            target = table.resolve(request.raw_path, headers.get("Host")).target
+        except ProxyError:
+            target = None
+        if target is not None:
+            outcome.upstream = target.upstream.name  # for the metrics, never the client
+        if target is None or target.cors is None or not target.cors.allows_origin(origin):
+            raise Forbidden(
+                "CORS preflight refused: this page's origin may not call this path",
+                code="cors_refused",
+            )
         granted = target.cors.preflight(
-            headers["Origin"],
+            origin,
             headers["Access-Control-Request-Method"],
             headers.get("Access-Control-Request-Headers", "").split(","),
         )
@@ -242,6 +248,11 @@ class Proxy:
             budget.release(held)
             raise RequestTimeout(
                 f"the request body did not arrive within {config.client_timeouts.body:g} seconds"
+            ) from None
+        except HttpProcessingError:
+            budget.release(held)
+            raise BadRequest(
+                "the request body's chunked framing or trailers are malformed"
             ) from None
         except BaseException:
             budget.release(held)

@@ -9,6 +9,10 @@ Used by sigproxy.protocol (the server side):
     answered through ``RequestHandler.handle_error``;
   * ``RequestHandler._messages`` (the parsed-message deque), ``._waiter`` (set while
     waiting for a message), ``._manager``, ``.data_received`` and ``.connection_lost``;
+  * ``RequestHandler._max_msg_queue_size``/``._msg_queue_resume_size`` (when it stops
+    reading), ``._parser``, ``._read_bufsize``, ``.max_line_size``/``.max_field_size``/
+    ``.max_headers``, and ``http_parser.HttpRequestParser(..., max_msg_queue_size=)`` with
+    ``web_protocol.RequestPayloadError``: the parser is rebuilt to queue two requests;
   * ``web_server.Server._kwargs`` and ``._loop``, and ``Server.__call__`` as the
     protocol factory;
   * ``ServerRunner._make_server`` and ``._cleanup_server`` (the runner's open/close hooks);
@@ -33,6 +37,7 @@ import pytest
 from aiohttp import web
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.http_exceptions import BadHttpMessage
+from aiohttp.http_parser import HttpRequestParser
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
 from sigproxy.config import Limits
@@ -50,9 +55,15 @@ async def _ok(request: web.BaseRequest) -> web.StreamResponse:
 def test_server_side_names_exist() -> None:
     info = _ErrInfo(status=431, exc=BadHttpMessage("x"), message="x")
     assert (info.status, info.message) == (431, "x")
-    assert "_messages" in RequestHandler.__slots__
-    assert "_waiter" in RequestHandler.__slots__
-    assert "_manager" in RequestHandler.__slots__
+    for name in (
+        "_messages",
+        "_waiter",
+        "_manager",
+        "_max_msg_queue_size",
+        "_msg_queue_resume_size",
+        "_read_bufsize",
+    ):
+        assert name in RequestHandler.__slots__, name
 
 
 async def test_server_internals_behave_as_relied_on() -> None:
@@ -75,6 +86,15 @@ async def test_server_internals_behave_as_relied_on() -> None:
     assert isinstance(handler._messages, deque)
     assert handler._waiter is None
     assert handler._manager is server
+    # The parser it builds in place of aiohttp's (queueing two requests, not 32) takes
+    # the arguments RequestHandler gives its own, from the attributes it keeps.
+    assert isinstance(handler._parser, HttpRequestParser)
+    assert (handler.max_line_size, handler.max_field_size, handler.max_headers) == (
+        8190,
+        8190,
+        128,
+    )
+    assert handler._max_msg_queue_size == 2
     server.open_connections -= 1  # the handler above was never connected
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

@@ -721,6 +721,151 @@ async def test_many_huge_heads_keep_memory_bounded(
         assert await served.stop() == 0
 
 
+async def test_pipelined_heads_under_the_cap_keep_memory_bounded(
+    upstream: FakeFunctionUrl, tmp_path: Path
+) -> None:
+    """Found by the second adversarial pass: each head just under the cap, 40 of them
+    pipelined per connection by clients that never read, took 3.6 MiB per connection
+    (aiohttp parses and queues 32 requests before it stops reading). Two at a time now."""
+    path = write(tmp_path, f"inbound_auth: {{tokens: [{TOKEN}]}}\n" + one_upstream(upstream.port))
+    async with serve_process(path) as served:
+        port = served.port
+        before = peak_rss_kib(served.proc.pid)
+        head = (
+            f"GET /big HTTP/1.1\r\nHost: {loopback(port)}\r\n".encode()
+            + b"".join(b"X-P%d: %s\r\n" % (j, b"b" * 8100) for j in range(7))
+            + b"\r\n"
+        )
+        blob = head * 40
+
+        async def flood() -> socket.socket:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)  # reads nothing back
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+            await send(sock, blob)
+            return sock
+
+        socks = await asyncio.gather(*(flood() for _ in range(100)))
+        await asyncio.sleep(2)
+        after = peak_rss_kib(served.proc.pid)
+        for sock in socks:
+            sock.close()
+        growth_mib = (after - before) / 1024
+        # 3.6 MiB a connection before: 350 MiB for these 100; now about 0.6 MiB each.
+        assert growth_mib < 120, f"peak RSS grew {growth_mib:.0f} MiB for 100 connections"
+        assert (
+            await ask(port, "GET", "/after", [("Authorization", f"Bearer {TOKEN}")])
+        ).status == 200
+        assert upstream.requests and all(r.raw_target == "/after" for r in upstream.requests)
+        assert await served.stop() == 0
+
+
+async def test_a_head_that_begins_in_the_read_that_ends_another_is_still_capped(
+    upstream: FakeFunctionUrl, tmp_path: Path
+) -> None:
+    """Found by the second adversarial pass: a 149 KiB head that began in the same read
+    as the end of a small request was not counted, and went upstream."""
+    path = write(tmp_path, one_upstream(upstream.port))
+    async with serve_process(path) as served:
+        host = loopback(served.port)
+        small = f"GET /small HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+        big = (
+            f"GET /big HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n".encode()
+            + b"".join(b"X-Pad-%02d: %s\r\n" % (i, b"a" * 8000) for i in range(19))
+            + b"\r\n"
+        )
+        sock = await connect(served.port)
+        try:
+            await send(sock, small + big[:-10])
+            await asyncio.sleep(0.3)
+            await send(sock, big[-10:])
+            data, _ = await recv_to_end(sock, idle=3)
+        finally:
+            sock.close()
+        statuses = re.findall(rb"HTTP/1\.[01] (\d{3}) ", data)
+        assert statuses == [b"200", b"431"], data[:300]
+        assert [r.raw_target for r in upstream.requests] == ["/small"]
+        assert await served.stop() == 0
+
+
+async def test_a_body_that_breaks_its_framing_midway_is_400_at_once(
+    upstream: FakeFunctionUrl, tmp_path: Path
+) -> None:
+    """Found by the second adversarial pass: a bad chunk size or oversized trailers sent
+    after the body began were noticed only at the body timeout (408, the connection and
+    the body budget held meanwhile). Now the body reader hears it."""
+    path = write(tmp_path, "client_timeouts: {body: 30}\n" + one_upstream(upstream.port))
+    async with serve_process(path) as served:
+        host = loopback(served.port)
+        head = (
+            f"POST /x HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n"
+            "Connection: close\r\n\r\n"
+        ).encode()
+        for first, later in [
+            (b"5\r\nhello\r\n", b"ZZ\r\n"),
+            (b"5\r\nhello\r\n0\r\n", b"".join(b"X-T%d: v\r\n" % i for i in range(130)) + b"\r\n"),
+            (b"5\r\nhello\r\n0\r\n", b"X-T: a\x01b\r\n\r\n"),
+        ]:
+            sock = await connect(served.port)
+            try:
+                await send(sock, head + first)
+                await asyncio.sleep(0.3)  # the body is being read now
+                started = time.monotonic()
+                await send(sock, later)
+                data, _ = await recv_to_end(sock, idle=10, limit=15)
+            finally:
+                sock.close()
+            check_error(await parse(data), 400, "bad_request")
+            assert time.monotonic() - started < 10  # not the 30 s body timeout
+        assert upstream.requests == []
+        assert await served.stop() == 0
+
+
+async def test_refused_preflights_tell_nothing_about_routes(
+    upstream: FakeFunctionUrl, tmp_path: Path
+) -> None:
+    """Found by the second adversarial pass: preflights (answered without a token) told a
+    missing route, an upstream without CORS and a disallowed origin apart, and echoed the
+    requested method and headers."""
+    path = write(
+        tmp_path,
+        f"inbound_auth: {{tokens: [{TOKEN}]}}\n"
+        "upstreams:\n"
+        f"  - {{name: secret, url: 'http://127.0.0.1:{upstream.port}', region: us-east-1,"
+        " path_prefix: /secret-internal-fn}\n"
+        f"  - {{name: web, url: 'http://127.0.0.1:{upstream.port}', region: us-east-1,"
+        " path_prefix: /web, cors: {allow_origins: ['http://localhost:3000']}}\n",
+    )
+    async with serve_process(path, "--log-level", "info") as served:
+
+        async def preflight(target: str, origin: str, method: str = "GET") -> RawResponse:
+            return await ask(
+                served.port,
+                "OPTIONS",
+                target,
+                [
+                    ("Origin", origin),
+                    ("Access-Control-Request-Method", method),
+                    ("Access-Control-Request-Headers", "<img src=x onerror=alert(1)>"),
+                ],
+            )
+
+        refusals = [
+            await preflight("/secret-internal-fn/x", "http://evil.example"),
+            await preflight("/nope", "http://evil.example"),
+            await preflight("/web/x", "http://evil.example"),
+        ]
+        bodies = {json.loads(r.body)["message"] for r in refusals}
+        assert [r.status for r in refusals] == [403, 403, 403]
+        assert len(bodies) == 1, bodies
+        allowed_origin = await preflight("/web/x", "http://localhost:3000", "<SCRIPT>")
+        assert allowed_origin.status == 403
+        assert b"<" not in allowed_origin.body and b"script" not in allowed_origin.body.lower()
+        assert upstream.requests == []
+        assert await served.stop() == 0
+
+
 async def over_the_cap(port: int) -> tuple[RawResponse, str]:
     """Open one more connection: the answer may come at once or after a request."""
     sock = await connect(port)
