@@ -7,7 +7,8 @@ repo root::
 
 Everything runs on 127.0.0.1: a stand-in Function URL (in this process) that reads each
 request, waits 0.5 s and answers, the real proxy (``python -m sigproxy serve``, default
-limits, admin off, static fake credentials from the environment), and one flood:
+config: default limits, the admin listener on a free port, log_level info; static fake
+credentials from the environment), and one flood:
 
 * ``heads``: 130 connections each trickling 128 headers of 8 KB (about 1 MB of head per
   connection, as the review that found the hole sent);
@@ -65,7 +66,7 @@ async def start_upstream(peers: set[int]) -> tuple[web.AppRunner, int]:
 async def start_proxy(upstream_port: int) -> tuple[asyncio.subprocess.Process, int]:
     config = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)  # noqa: SIM115
     config.write(
-        "admin: false\nupstreams:\n"
+        "admin: {host: 127.0.0.1, port: 0}\nupstreams:\n"
         f"  - {{name: fn, url: 'http://127.0.0.1:{upstream_port}', region: us-east-1}}\n"
     )
     config.close()
