@@ -69,24 +69,27 @@ def request_headers(
     ``Authorization`` and ``X-Amz-*`` dropped (the signature is the proxy's; a stale date
     or token would contradict it). Raises :class:`BadRequest` for a value that is not
     UTF-8 rather than forwarding it altered."""
-    pairs = list(incoming)
-    drop = connection_tokens(pairs)
-    if token_header is not None:
-        drop.add(token_header.lower())
-    # Every header the proxy sets below is in _REQUEST_DROP, so each appears once.
-    out = [("Host", host)]
+    token = token_header.lower() if token_header is not None else None
+    kept: list[tuple[str, str]] = []
     prior: list[str] = []
-    for name, value in pairs:
+    listed: set[str] | None = None  # what a Connection header names, when there is one
+    for name, value in incoming:
         lower = name.lower()
-        if lower == "x-forwarded-for":
-            prior.append(value)
-        if lower in _REQUEST_DROP or lower in drop:
+        if lower in _REQUEST_DROP:
+            if lower == "x-forwarded-for":
+                prior.append(value)
+            elif lower == "connection":
+                listed = (listed or set()) | _tokens(value)
             continue
-        if signed and (lower == "authorization" or lower.startswith("x-amz-")):
+        if lower == token or (signed and (lower == "authorization" or lower.startswith("x-amz-"))):
             continue
-        if not is_utf8(value):
+        if not value.isascii() and not is_utf8(value):
             raise BadRequest(f"header {name} is not valid UTF-8")
-        out.append((name, value))
+        kept.append((name, value))
+    if listed:
+        kept = [(n, v) for n, v in kept if n.lower() not in listed]
+    # Every header the proxy sets is in _REQUEST_DROP, so each appears once.
+    out = [("Host", host), *kept]
     chain = ", ".join(prior)
     if client.address:
         out.append(("X-Forwarded-For", f"{chain}, {client.address}" if chain else client.address))
@@ -103,20 +106,23 @@ def response_headers(incoming: Headers, *, cors: bool) -> tuple[list[tuple[str, 
     """(the upstream's headers as they go to the client, the names of those dropped for
     not being UTF-8). Hop-by-hop and ``Connection``-named headers go; with a CORS policy
     the upstream's ``Access-Control-*`` go too, since the policy's replace them."""
-    pairs = list(incoming)
-    drop = connection_tokens(pairs)
     out: list[tuple[str, str]] = []
     undecodable: list[str] = []
-    for name, value in pairs:
+    listed: set[str] | None = None
+    for name, value in incoming:
         lower = name.lower()
-        if lower in _RESPONSE_DROP or lower in drop:
+        if lower in _RESPONSE_DROP:
+            if lower == "connection":
+                listed = (listed or set()) | _tokens(value)
             continue
         if cors and lower.startswith("access-control-"):
             continue
-        if not is_utf8(value):
+        if not value.isascii() and not is_utf8(value):
             undecodable.append(name)
             continue
         out.append((name, value))
+    if listed:
+        out = [(n, v) for n, v in out if n.lower() not in listed]
     return out, undecodable
 
 
@@ -125,8 +131,12 @@ def connection_tokens(headers: Headers) -> set[str]:
     tokens: set[str] = set()
     for name, value in headers:
         if name.lower() == "connection":
-            tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
+            tokens |= _tokens(value)
     return tokens
+
+
+def _tokens(value: str) -> set[str]:
+    return {t.strip().lower() for t in value.split(",") if t.strip()}
 
 
 def is_utf8(value: str) -> bool:

@@ -68,11 +68,12 @@ class BoundedRequestHandler(RequestHandler):
     held to ``limits.max_header_bytes``, whether it completes or keeps trickling in.
     """
 
-    __slots__ = ("_body", "_head_bytes", "_refused")
+    __slots__ = ("_body", "_head_bytes", "_received", "_refused")
 
     def __init__(self, manager: BoundedServer, **kwargs: object) -> None:
         super().__init__(manager, **kwargs)  # type: ignore[arg-type]
         self._head_bytes = 0
+        self._received = 0
         self._body: StreamReader | None = None
         self._refused = False
         # aiohttp parses and queues up to 32 requests per connection before it stops:
@@ -102,14 +103,16 @@ class BoundedRequestHandler(RequestHandler):
         queued = len(messages)
         super().data_received(data)
         limit = self._limits.max_header_bytes
+        # Every byte since the last head completed, body bytes and all: the most a head
+        # completing now can be. Only past the cap is the head measured exactly.
+        received = self._received + len(data)
         if len(messages) == queued:
+            self._received = received
             if in_head:  # bytes count towards a head while no body is arriving
                 self._head_bytes += len(data)
                 if self._head_bytes > limit:
                     self._refuse_head(None)
             return
-        # Every head that completed is measured: one that began in a read which also
-        # ended another was not counted while it arrived.
         for index in range(queued, len(messages)):
             message = messages[index][0]
             if isinstance(message, _ErrInfo):
@@ -118,10 +121,12 @@ class BoundedRequestHandler(RequestHandler):
                     # too large): its reader hears it now, not at the body timeout.
                     body.set_exception(message.exc)
                 continue
-            if _head_size(message) > limit:
+            if received > limit and _head_size(message) > limit:
                 self._refuse_head(index)
                 return
         self._head_bytes = 0
+        # The next head may have begun in this read: its bytes are at most all of it.
+        self._received = len(data)
         self._body = messages[-1][1]
 
     @property

@@ -322,8 +322,7 @@ class Proxy:
         kept, undecodable = response_headers(up.headers.items(), cors=target.cors is not None)
         for name in undecodable:
             log.warning("request %s: dropped upstream header %s: not valid UTF-8", request_id, name)
-        for name, value in kept:
-            response.headers.add(name, value)
+        response.headers.extend(kept)
         if target.cors is not None:
             for name, value in target.cors.response_headers(request.headers.get("Origin")):
                 response.headers.add(name, value)
