@@ -236,6 +236,7 @@ async def test_upstream_down_is_502(start_proxy: StartProxy) -> None:
     assert body["error"] == "upstream_unreachable"
     assert body["upstream"] == "fn"
     assert body["kind"] == "connect"
+    assert body["detail"] == f"connection refused by 127.0.0.1:{port}"  # the cause, in words
     assert "Traceback" not in resp.body.decode()
 
 
@@ -253,6 +254,7 @@ async def test_upstream_timeout_is_504_and_proxy_keeps_serving(
     assert resp.status == 504
     body = json.loads(resp.body)
     assert (body["error"], body["upstream"], body["kind"]) == ("upstream_timeout", "fn", "timeout")
+    assert body["detail"] == f"no answer from 127.0.0.1:{upstream.port} within 0.3 seconds"
     fast = await raw_request(proxy.port, "GET", "/fast")
     assert fast.status == 200
 
