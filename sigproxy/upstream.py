@@ -41,6 +41,7 @@ from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError
 from aiohttp.streams import StreamReader
 from multidict import CIMultiDictProxy
 
+from .logs import printable
 from .routing import Origin
 
 HAPPY_EYEBALLS_DELAY = 0.25  # seconds, RFC 8305's recommendation (and aiohttp's)
@@ -125,12 +126,14 @@ def _translate(exc: Exception, origin: Origin, timeout: float | None) -> Upstrea
     if isinstance(exc, ConnectionRefusedError):
         return ConnectFailed(origin, f"connection refused by {where}")
     if isinstance(exc, HttpProcessingError):
-        text = str(exc.message or type(exc).__name__).strip().splitlines()[0]
+        # The parser's words may quote what the upstream sent: shown, never obeyed.
+        text = printable(str(exc.message or type(exc).__name__).strip().splitlines()[0][:200])
         return ProtocolError(origin, f"{where} sent an invalid HTTP response: {text}")
     if isinstance(exc, ClientPayloadError):
         return ConnectionClosed(origin, f"{where} cut the response body short")
     if isinstance(exc, aiohttp.ClientResponseError):
-        return ProtocolError(origin, f"{where} sent an invalid HTTP response: {exc.message}")
+        text = printable(str(exc.message)[:200])
+        return ProtocolError(origin, f"{where} sent an invalid HTTP response: {text}")
     if isinstance(exc, ServerDisconnectedError | ConnectionError | aiohttp.ClientOSError):
         return ConnectionClosed(origin, f"{where} closed the connection")
     if isinstance(exc, OSError):
