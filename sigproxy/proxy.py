@@ -318,7 +318,9 @@ class Proxy:
         # The upstream's reason phrase is not passed on: the status says it all, and a
         # phrase with control bytes would not survive the trip. A body that came with the
         # head goes out with the headers in one write, where streaming costs one each.
-        response = (web.Response if whole else web.StreamResponse)(status=up.status)
+        typed = "Content-Type" in up.headers
+        kinds = (web.Response, web.StreamResponse) if typed else (_UntypedBody, _UntypedStream)
+        response = kinds[0 if whole else 1](status=up.status)
         kept, undecodable = response_headers(up.headers.items(), cors=target.cors is not None)
         for name in undecodable:
             log.warning("request %s: dropped upstream header %s: not valid UTF-8", request_id, name)
@@ -456,6 +458,24 @@ class Proxy:
                 "error": outcome.error,
             },
         )
+
+
+class _Untyped:
+    """A response passed on without a Content-Type, as the upstream sent it: aiohttp would
+    add ``application/octet-stream``, and a proxy must not invent what a body is.
+    (``_prepare_headers`` is aiohttp's; tests/test_aiohttp_contract.py pins it.)"""
+
+    async def _prepare_headers(self) -> None:
+        await super()._prepare_headers()  # type: ignore[misc]
+        self._headers.popall("Content-Type", None)  # type: ignore[attr-defined]
+
+
+class _UntypedBody(_Untyped, web.Response):
+    pass
+
+
+class _UntypedStream(_Untyped, web.StreamResponse):
+    pass
 
 
 class MemoryBudget:
