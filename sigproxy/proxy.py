@@ -62,6 +62,7 @@ _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 # Status recorded (never sent) when the client disconnected, as nginx does.
 CLIENT_GONE = 499
 _LINGER_ZERO = struct.pack("ii", 1, 0)
+_WARN_EVERY = 60.0  # seconds between log lines for the same upstream failure
 
 
 @dataclass(slots=True)
@@ -89,6 +90,7 @@ class Proxy:
         self.metrics = metrics
         self.client = client if client is not None else UpstreamClient()
         self.bodies = MemoryBudget(table.config.limits.body_memory_bytes)
+        self._warned: dict[tuple[str, str], float] = {}
 
     def swap(self, table: RouteTable) -> None:
         """Serve new requests from ``table``; requests in flight finish on the old one.
@@ -300,7 +302,20 @@ class Proxy:
                 read_timeout=upstream.timeout.read,
             )
         except UpstreamError as exc:
+            self._warn_once(upstream.name, exc)
             raise upstream_failure(exc.kind, str(exc), upstream.name) from exc
+
+    def _warn_once(self, upstream: str, exc: UpstreamError) -> None:
+        """The cause of an upstream failure at WARNING, once a minute per upstream and
+        cause: a dead upstream under load must not write a line per request."""
+        now = time.monotonic()
+        key = (upstream, str(exc))
+        if now - self._warned.get(key, -_WARN_EVERY) < _WARN_EVERY:
+            return
+        if len(self._warned) > 1000:  # causes carry addresses: stay bounded
+            self._warned.clear()
+        self._warned[key] = now
+        log.warning("upstream %s: %s (%s)", upstream, exc, exc.kind)
 
     async def _relay(
         self,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import logging
 import socket
 
 import aiohttp
@@ -447,3 +448,18 @@ async def test_head_keeps_length_without_body(
     assert len(after.body) == 1234
     assert upstream.requests[0].method == "HEAD"
     verify_sigv4(upstream.requests[0], region="us-east-1")
+
+
+async def test_an_upstream_failure_is_logged_once_per_cause_with_its_cause(
+    start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every client hears the cause (the JSON detail); the log says it at WARNING once
+    a minute per upstream and cause, not once per request."""
+    port = closed_port()
+    proxy = await start_proxy(one_upstream(port))
+    with caplog.at_level(logging.WARNING, logger="sigproxy.proxy"):
+        for _ in range(5):
+            resp = await raw_request(proxy.port, "GET", "/")
+            assert json.loads(resp.body)["detail"] == f"connection refused by 127.0.0.1:{port}"
+    lines = [r.getMessage() for r in caplog.records if r.name == "sigproxy.proxy"]
+    assert lines == [f"upstream fn: connection refused by 127.0.0.1:{port} (connect)"]

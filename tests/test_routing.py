@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from sigproxy.config import parse_config
-from sigproxy.credentials import CredentialStore
+from sigproxy.credentials import CredentialSource, CredentialStore
 from sigproxy.errors import BadRequest, Forbidden, NoRoute
 from sigproxy.routing import Router, RouteTable
 
@@ -166,3 +168,22 @@ def test_origins_carry_the_pool_settings(table: RouteTable) -> None:
     orders = table.targets["orders"].origin
     assert (orders.host, orders.port, orders.tls) == ("o.lambda-url.us-east-1.on.aws", 443, True)
     assert (orders.max_connections, orders.idle_timeout) == (1024, 15.0)
+
+
+def test_the_readme_quick_start_request_reaches_the_example_upstream() -> None:
+    """The README's first real request, against config.example.yaml, is routed to an
+    upstream (it used to get 404: the example's orders route needed Host
+    orders.localhost), and its forward-proxy example names a host of the table."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    quick = readme.split("## Quick start", 1)[1].split("```sh", 1)[1].split("```", 1)[0]
+    (target,) = re.findall(r"curl '(http://127\.0\.0\.1:8080[^']*)'", quick)
+    config = parse_config((root / "config.example.yaml").read_text())
+    source = CredentialSource.static("AKIDEXAMPLE", "example-secret")
+    table = RouteTable(config, CredentialStore.static_for(config, source))
+    route = table.resolve(target.removeprefix("http://127.0.0.1:8080"), "127.0.0.1:8080")
+    assert route.target.upstream.name == "orders"
+    (forward,) = re.findall(r"curl -x http://127\.0\.0\.1:8080 '([^']+)'", readme)
+    assert table.resolve(forward, None).target.upstream.name == "orders"
