@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 from .admin import CredentialCollector, ServerState, admin_handler
 from .config import Config, check_exposure
 from .credentials import CredentialStore
-from .errors import ConfigError, CredentialsError, ListenError
+from .errors import ConfigError, CredentialsError, ListenError, listen_failure
 from .logs import protect_secrets
 from .metrics import Metrics
 from .notify import Notifier
@@ -116,7 +116,8 @@ async def running_proxy(
     proxy = create_proxy(config, credentials=credentials)
     runner = make_runner(proxy, shutdown_timeout=config.grace_period)
     try:
-        await _listen(runner, config.listen.host, config.listen.port, "sigproxy")
+        await _listen(runner, config.listen.host, config.listen.port, "proxy")
+        _log_listening("sigproxy", runner)
         yield runner
     finally:
         await runner.cleanup()
@@ -126,6 +127,7 @@ async def running_proxy(
 async def _listen(
     runner: web.BaseRunner, host: str, port: int, what: str, sock: socket.socket | None = None
 ) -> None:
+    """Open ``runner``'s listening socket; the caller logs it once every listener is up."""
     await runner.setup()
     site: web.BaseSite
     if sock is not None:
@@ -136,7 +138,10 @@ async def _listen(
         await site.start()
     except OSError as exc:
         await runner.cleanup()
-        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        raise ListenError(listen_failure(what, host, port, exc)) from None
+
+
+def _log_listening(what: str, runner: web.BaseRunner) -> None:
     for address in listening_urls(runner):
         log.info("%s listening on %s", what, address)
 
@@ -183,7 +188,7 @@ class Server:
         gc.collect()
         gc.freeze()
         raise_open_files_limit()
-        await _listen(self._runner, config.listen.host, config.listen.port, "sigproxy", self._sock)
+        await _listen(self._runner, config.listen.host, config.listen.port, "proxy", self._sock)
         if config.admin is not None:
             self._admin = make_admin_runner(self.proxy, self.state)
             try:
@@ -194,6 +199,10 @@ class Server:
                 await self._runner.cleanup()
                 await self.proxy.close()
                 raise
+        # Only now: "listening" means every listener is.
+        _log_listening("sigproxy", self._runner)
+        if self._admin is not None:
+            _log_listening("admin", self._admin)
         self.state.listening = True
         self.notifier.ready(f"serving {len(config.upstreams)} upstream(s)")
         if self.on_ready is not None:

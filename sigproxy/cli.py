@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import pickle
@@ -65,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve_p.add_argument("--host", default=None, help="override listen.host")
     serve_p.add_argument(
         "--port", type=int, default=None, help="override listen.port (0: any free port)"
+    )
+    serve_p.add_argument(
+        "--admin-port",
+        type=int,
+        default=None,
+        help="override admin.port (0: any free port, logged at start)",
     )
 
     check_p = sub.add_parser(
@@ -124,7 +131,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _apply_overrides(config: Config, args: argparse.Namespace) -> Config:
-    return with_listen(config, getattr(args, "host", None), getattr(args, "port", None))
+    config = with_listen(config, getattr(args, "host", None), getattr(args, "port", None))
+    admin_port = getattr(args, "admin_port", None)
+    if admin_port is None:
+        return config
+    if not 0 <= admin_port <= 65535:
+        raise ConfigError("--admin-port", f"must be between 0 and 65535, got {admin_port}")
+    if config.admin is None:
+        raise ConfigError("--admin-port", "the admin listener is off (admin: false in the config)")
+    return dataclasses.replace(config, admin=dataclasses.replace(config.admin, port=admin_port))
 
 
 def _fail(message: str) -> int:
@@ -176,6 +191,7 @@ def _serve(config: Config, path: str, args: argparse.Namespace) -> int:
             ("--log-level", args.log_level),
             ("--log-format", args.log_format),
             ("--host", args.host),
+            ("--admin-port", None if args.admin_port is None else str(args.admin_port)),
         ):
             if value:
                 worker_args += [flag, value]
@@ -267,7 +283,7 @@ def _demo(args: argparse.Namespace) -> int:
     try:
         run(run_demo(args.host, args.port))
     except ListenError as exc:
-        return _fail(f"{exc} (try --port 0 for any free port)")
+        return _fail(str(exc))
     except SigproxyError as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:

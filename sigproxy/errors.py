@@ -32,6 +32,7 @@ and a message (:func:`upstream_failure`), so nothing below the proxy is imported
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 
@@ -216,3 +217,14 @@ def upstream_failure(kind: str, detail: str, upstream: str) -> ProxyError:
         kind=kind,
         detail=detail,
     )
+
+
+def listen_failure(what: str, host: str, port: int, exc: OSError) -> str:
+    """One line naming the listener that could not open, why, and what to do."""
+    if what == "admin":
+        fix = "set admin.port, --admin-port 0 for any free port, or admin: false"
+    else:
+        fix = "--port 0 for any free port, or set listen.port"
+    # The errno's own words: asyncio and socket.create_server wrap them differently.
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    return f"cannot listen on {host}:{port} for the {what} listener: {reason} ({fix})"

@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .config import Config
-from .errors import ConfigError, ListenError, SigproxyError
+from .errors import ConfigError, ListenError, SigproxyError, listen_failure
 from .notify import Notifier
 
 log = logging.getLogger("sigproxy.workers")
@@ -48,20 +48,22 @@ def worker_count(value: str) -> int:
     raise ConfigError("--workers", f"must be a number from 1 to 256 or auto, got {value!r}")
 
 
-def bind(host: str, port: int, what: str | None, reuse_port: bool = False) -> socket.socket:
+def bind(host: str, port: int, what: str, reuse_port: bool = False) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
         sock = socket.create_server(
             (host, port), family=family, backlog=1024, reuse_port=reuse_port
         )
     except OSError as exc:
-        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        raise ListenError(listen_failure(what, host, port, exc)) from None
     sock.set_inheritable(True)
-    if what is not None:
-        addr = sock.getsockname()
-        shown = f"[{addr[0]}]" if family == socket.AF_INET6 else addr[0]
-        log.info("%s listening on http://%s:%d", what, shown, addr[1])
     return sock
+
+
+def _log_listening(what: str, sock: socket.socket) -> None:
+    addr = sock.getsockname()
+    shown = f"[{addr[0]}]" if sock.family == socket.AF_INET6 else addr[0]
+    log.info("%s listening on http://%s:%d", what, shown, addr[1])
 
 
 class Supervisor:
@@ -91,19 +93,23 @@ class Supervisor:
         # kernel spreads connections over them. A single shared socket would let
         # whichever worker wakes first take every connection.
         host = config.listen.host
-        first = bind(host, config.listen.port, "sigproxy", reuse_port=True)
+        first = bind(host, config.listen.port, "proxy", reuse_port=True)
         port = first.getsockname()[1]
         self._proxy_socks = [first]
         admin_sock = None
         try:
             for _ in range(self.workers - 1):
-                self._proxy_socks.append(bind(host, port, None, reuse_port=True))
+                self._proxy_socks.append(bind(host, port, "proxy", reuse_port=True))
             if config.admin is not None:
                 admin_sock = bind(config.admin.host, config.admin.port, "admin")
         except ListenError:
             for sock in self._proxy_socks:
                 sock.close()
             raise
+        # Only now: "listening" means every listener is.
+        _log_listening("sigproxy", first)
+        if admin_sock is not None:
+            _log_listening("admin", admin_sock)
         metrics_dir = tempfile.mkdtemp(prefix="sigproxy-metrics-")
         ready_r, ready_w = os.pipe()
         self._admin_fd = admin_sock.fileno() if admin_sock else -1

@@ -241,6 +241,7 @@ async def test_a_real_sigproxy_in_front_of_the_emulator(tmp_path: Path) -> None:
         )
         proxy = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "sigproxy", "serve", "--config", str(config), "--port", "0",
+            "--admin-port", "0",  # whatever else listens on 9090 here
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
             env=creds_env(),

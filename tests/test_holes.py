@@ -830,7 +830,7 @@ async def test_refused_preflights_tell_nothing_about_routes(
     requested method and headers."""
     path = write(
         tmp_path,
-        f"inbound_auth: {{tokens: [{TOKEN}]}}\n"
+        f"admin: {{port: 0}}\ninbound_auth: {{tokens: [{TOKEN}]}}\n"
         "upstreams:\n"
         f"  - {{name: secret, url: 'http://127.0.0.1:{upstream.port}', region: us-east-1,"
         " path_prefix: /secret-internal-fn}\n"

@@ -336,6 +336,50 @@ async def test_port_in_use_exits_2(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_admin_port_in_use_names_the_admin_listener(tmp_path: Path, workers: str) -> None:
+    """A busy admin port (Prometheus's own default, 9090, often is) says which listener
+    could not open and what to do, and nothing claims to be listening first."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        path = write(
+            tmp_path, one_upstream(1).replace("admin: {port: 0}", f"admin: {{port: {port}}}")
+        )
+        result = await asyncio.to_thread(
+            run_cli, "serve", "--config", path, "--port", "0", "--workers", workers, env=creds_env()
+        )
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert errors == [
+        f"sigproxy: error: cannot listen on 127.0.0.1:{port} for the admin listener: Address "
+        "already in use (set admin.port, --admin-port 0 for any free port, or admin: false)"
+    ]
+    assert "listening on" not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+async def test_admin_port_flag(upstream: FakeFunctionUrl, tmp_path: Path) -> None:
+    """--admin-port moves the admin listener (0: any free port, logged); with admin: false
+    it is an error that says so."""
+    path = write(tmp_path, one_upstream(upstream.port).replace("admin: {port: 0}\n", ""))
+    async with serve_process(path, "--admin-port", "0") as served:
+        assert served.admin_port not in (None, 9090)
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{served.admin_port}/healthz") as resp:
+                assert resp.status == 200
+        assert await served.stop() == 0
+    off = write(
+        tmp_path,
+        "admin: false\n" + one_upstream(upstream.port).replace("admin: {port: 0}\n", ""),
+        "off.yaml",
+    )
+    result = run_cli("serve", "--config", off, "--admin-port", "0", env=creds_env())
+    assert result.returncode == 2
+    assert "--admin-port: the admin listener is off" in result.stderr
+
+
 def peak_rss_kib(pid: int) -> int:
     status = Path(f"/proc/{pid}/status").read_text()
     m = re.search(r"^VmHWM:\s+(\d+) kB", status, re.M)
