@@ -55,12 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
             "--log-format", choices=LOG_FORMATS, default=None, help="override log_format"
         )
 
-    serve_p = sub.add_parser("serve", help="run the proxy")
+    serve_p = sub.add_parser(
+        "serve",
+        help="run the proxy",
+        description="Run the proxy: sign what reaches the listen address and forward it to the "
+        "upstream the config's table names. SIGHUP reloads the config; SIGTERM drains.",
+    )
     add_config(serve_p)
     serve_p.add_argument(
         "--workers",
         default="1",
-        help="worker processes sharing the listening socket: a number or auto (one per CPU)",
+        help="worker processes sharing the listening socket: a number or auto (one per CPU); "
+        "default 1",
     )
     serve_p.add_argument(WORKER_FDS_FLAG, default=None, help=argparse.SUPPRESS)
     serve_p.add_argument("--host", default=None, help="override listen.host")
@@ -75,16 +81,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     check_p = sub.add_parser(
-        "check", help="validate the config, resolve credentials and print the route table"
+        "check",
+        help="validate the config, resolve credentials and print the route table",
+        description="Validate the config, resolve every upstream's credentials and print the "
+        "route table; exit 0, or 2 with one line naming the problem.",
     )
     add_config(check_p)
 
     demo_p = sub.add_parser(
-        "demo", help="the example functions as local Function URLs with sigproxy in front"
+        "demo",
+        help="the example functions as local Function URLs with sigproxy in front",
+        description="Start the example functions as local Function URLs (AuthType AWS_IAM, "
+        "throwaway keys) and sigproxy in front of them, offline; Ctrl-C stops both.",
     )
-    demo_p.add_argument("--host", default="127.0.0.1", help="proxy listen host")
-    demo_p.add_argument("--port", type=int, default=8080, help="proxy port (0: any free port)")
-    demo_p.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    demo_p.add_argument("--host", default="127.0.0.1", help="proxy listen host (default 127.0.0.1)")
+    demo_p.add_argument(
+        "--port", type=int, default=8080, help="proxy port (default 8080; 0: any free port)"
+    )
+    demo_p.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="default info")
 
     emu_p = sub.add_parser(
         "emulate",
@@ -95,11 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     emu_p.add_argument("--handler", help="module:function or path/to/file.py:function")
     emu_p.add_argument("--name", default=None, help="function name (default: from the handler)")
     emu_p.add_argument("--port", type=int, default=0, help="port (default: any free port)")
-    emu_p.add_argument("--host", default="127.0.0.1")
-    emu_p.add_argument("--auth", choices=("AWS_IAM", "NONE"), default="AWS_IAM")
-    emu_p.add_argument("--region", default="us-east-1")
-    emu_p.add_argument("--timeout", type=float, default=3.0, help="seconds (Lambda default 3)")
-    emu_p.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    emu_p.add_argument("--host", default="127.0.0.1", help="listen host (default 127.0.0.1)")
+    emu_p.add_argument(
+        "--auth", choices=("AWS_IAM", "NONE"), default="AWS_IAM", help="default AWS_IAM"
+    )
+    emu_p.add_argument("--region", default="us-east-1", help="default us-east-1")
+    emu_p.add_argument("--timeout", type=float, default=3.0, help="seconds (Lambda's default 3)")
+    emu_p.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="default info")
     return parser
 
 

@@ -499,6 +499,7 @@ async def test_missing_or_malformed_authorization(
     body = json.loads(resp.body)
     if body_json is not None:
         assert body == body_json
+        assert resp.body == b'{"Message":"Forbidden"}'  # byte for byte, as the service sends it
         assert resp.header("x-amzn-ErrorType") == "AccessDeniedException"
     else:
         assert "Authorization header requires" in body["message"]

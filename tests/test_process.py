@@ -467,3 +467,28 @@ async def test_secrets_never_reach_logs_even_at_debug(
         "client-bearer-xyz",
     ):
         assert secret not in log, f"{secret!r} leaked into the log"
+
+
+def test_the_readme_synopsis_lists_every_flag_and_every_command_describes_itself() -> None:
+    """The README's command synopsis names every flag each subcommand has (the hidden
+    worker flag aside), and each subcommand's --help has a description line."""
+    import argparse
+
+    from sigproxy.cli import build_parser
+
+    readme = (ROOT / "README.md").read_text()
+    synopsis = readme.split("## Command line", 1)[1].split("```", 2)[1]
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for name, command in sub.choices.items():
+        assert command.description, f"sigproxy {name} --help has no description"
+        lines = [line for line in synopsis.splitlines() if f"sigproxy {name}" in line]
+        assert lines, f"no synopsis line for sigproxy {name}"
+        text = synopsis[synopsis.index(lines[0]) :].split("\nsigproxy ", 1)[0]
+        for action in command._actions:
+            if action.help == argparse.SUPPRESS or not action.option_strings:
+                continue
+            long = max(action.option_strings, key=len)
+            if long == "--help":
+                continue
+            assert long in text, f"sigproxy {name} {long} is not in the README synopsis"

@@ -204,7 +204,8 @@ def _too_large() -> web.Response:
             {
                 "Message": f"Request must be smaller than {MAX_REQUEST_BYTES} bytes for the "
                 "InvokeFunction operation"
-            }
+            },
+            separators=(",", ":"),
         ).encode(),
         content_type="application/json",
     )
@@ -221,7 +222,8 @@ def _forbidden(exc: SignatureError) -> web.Response:
         body, error_type = {"message": exc.message}, "InvalidSignatureException"
     return web.Response(
         status=403,
-        body=json.dumps(body).encode(),
+        # Compact, as the service writes it: {"Message":"Forbidden"}.
+        body=json.dumps(body, separators=(",", ":")).encode(),
         content_type="application/json",
         headers={"x-amzn-ErrorType": error_type},
     )
