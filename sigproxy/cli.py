@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import os
 import pickle
+import re
 import sys
 from collections.abc import Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -99,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--port", type=int, default=8080, help="proxy port (default 8080; 0: any free port)"
     )
     demo_p.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="default info")
+    demo_p.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="a page origin whose scripts may call the demo (http://localhost:3000); repeatable",
+    )
 
     emu_p = sub.add_parser(
         "emulate",
@@ -296,8 +304,11 @@ def _demo(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
     if not 0 <= args.port <= 65535:
         return _fail(f"--port: must be between 0 and 65535, got {args.port}")
+    for origin in args.cors_origin:
+        if not re.fullmatch(r"https?://[A-Za-z0-9.-]+(:\d{1,5})?", origin):
+            return _fail(f"--cors-origin: {origin!r} is not an origin like http://localhost:3000")
     try:
-        run(run_demo(args.host, args.port))
+        run(run_demo(args.host, args.port, tuple(args.cors_origin)))
     except ListenError as exc:
         return _fail(str(exc))
     except SigproxyError as exc:

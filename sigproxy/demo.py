@@ -3,6 +3,9 @@ throwaway keys made for this run) with sigproxy in front, signing with those key
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import os
 import secrets
 import string
 from pathlib import Path
@@ -44,7 +47,11 @@ def demo_caller() -> Caller:
     )
 
 
-async def run_demo(host: str = "127.0.0.1", port: int = 8080) -> None:
+async def run_demo(
+    host: str = "127.0.0.1", port: int = 8080, cors_origins: tuple[str, ...] = ()
+) -> None:
+    """Serve the demo until SIGINT/SIGTERM; ``cors_origins`` are page origins (such as
+    ``http://localhost:3000``) whose scripts may call the demo through the proxy."""
     caller = demo_caller()
     folder = examples_dir()
     emulator = EmulatorConfig(
@@ -67,10 +74,17 @@ async def run_demo(host: str = "127.0.0.1", port: int = 8080) -> None:
         try:
             by_name = {r.function.name: r.url for r in functions}
             lines = [f"listen: {{host: '{host}', port: {port}}}", "upstreams:"]
+            cors = ""
+            if cors_origins:
+                origins = ", ".join(f"'{o}'" for o in cors_origins)
+                cors = (
+                    f", cors: {{allow_origins: [{origins}], allow_methods: [GET, POST],"
+                    " allow_headers: [content-type, x-signature]}"
+                )
             for prefix, name, _ in ROUTES:
                 lines.append(
                     f"  - {{name: {name}, url: '{by_name[name]}', path_prefix: {prefix}, "
-                    f"region: {REGION}}}"
+                    f"region: {REGION}{cors}}}"
                 )
             config = parse_config("\n".join(lines) + "\n", source="<demo>")
             source = CredentialSource.static(
@@ -82,6 +96,17 @@ async def run_demo(host: str = "127.0.0.1", port: int = 8080) -> None:
                 await stop.wait()
         finally:
             await stop_functions(functions)
+
+
+def _webhook_curl(proxy: str) -> str:
+    """A delivery signed the way examples/webhook.py checks it."""
+    body = '{"type": "order.created", "id": 42}'
+    secret = os.environ.get("WEBHOOK_SECRET", "demo-webhook-secret").encode()
+    signature = hmac.new(secret, body.encode(), hashlib.sha256).hexdigest()
+    return (
+        f"curl -X POST -H 'Content-Type: application/json' -H 'X-Signature: sha256={signature}' "
+        f"-d '{body}' {proxy}/webhook"
+    )
 
 
 def _print_instructions(proxy: str, functions: dict[str, str]) -> None:
@@ -102,11 +127,12 @@ Try:
   curl '{proxy}/hello?name=John'
   curl -i '{functions["hello"]}/?name=John'    # straight to the function, unsigned: 403
   curl -X POST -H 'Content-Type: application/json' -d '{{"order": 42}}' {proxy}/api/process
+  {_webhook_curl(proxy)}
 
 Browser: open {proxy}/hello?name=John
 Postman: GET {proxy}/hello?name=John with Authorization "No Auth" (sigproxy signs for you)
 
-Ctrl-C stops both.
+Ctrl-C stops the proxy and the three functions.
 """,
         flush=True,
     )

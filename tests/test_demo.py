@@ -28,13 +28,16 @@ from sigproxy.demo import demo_caller
 from .support import drain_lines, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
-READY = "Ctrl-C stops both."
+READY = "Ctrl-C stops the proxy and the three functions."
 WEBHOOK_SECRET = b"demo-webhook-secret"
 DEMO_USER_ARN = "arn:aws:iam::123456789012:user/sigproxy-demo"
 
 HELLO_LINE = re.compile(r"^\s*curl '(?P<proxy>http://[^' ]+)/hello\?name=John'$")
 DIRECT_LINE = re.compile(r"^\s*curl -i '(?P<function>http://[^' ]+)/\?name=John'\s+#.*403")
 POST_LINE = re.compile(r"^\s*curl -X POST .* (?P<proxy>http://\S+)/api/process$")
+WEBHOOK_LINE = re.compile(
+    r"^\s*curl -X POST .*X-Signature: sha256=[0-9a-f]{64}.* (?P<proxy>http://\S+)/webhook$"
+)
 ROUTE_LINE = re.compile(
     r"^\s*(?P<proxy>http://\S+?)(?P<prefix>/\w+)\s+->\s+(?P<name>\w+)\s+(?P<function>http://\S+)"
     r"\s+\(examples/\w+\.py\)$"
@@ -206,6 +209,14 @@ async def test_printed_curl_commands_work_as_printed(demo: Demo, tmp_path: Path)
 
     post = demo.line(POST_LINE).string
     assert_processed(json.loads(await run_printed(post, tmp_path)))
+
+    # Every function gets a line that works as printed: the webhook's delivery is signed.
+    webhook = demo.line(WEBHOOK_LINE).string
+    assert json.loads(await run_printed(webhook, tmp_path)) == {
+        "received": True,
+        "type": "order.created",
+        "id": 42,
+    }
     assert await demo.stop() == 0
 
 
@@ -343,3 +354,30 @@ def test_port_out_of_range_has_no_port_taken_hint() -> None:
     assert len(lines) == 1 and lines[0].startswith("sigproxy: error: "), result.stderr
     assert "must be between 0 and 65535" in lines[0]
     assert "another program has the port" not in lines[0]
+
+
+async def test_cors_origin_lets_a_page_on_that_origin_call_the_demo() -> None:
+    """sigproxy demo --cors-origin http://localhost:3000: a page there can call the
+    functions through the proxy (preflight answered, response readable); other origins
+    still cannot."""
+    async with start_demo("--port", "0", "--cors-origin", "http://localhost:3000") as demo:
+        async with aiohttp.ClientSession() as session:
+            preflight = {
+                "Origin": "http://localhost:3000",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "content-type",
+            }
+            async with session.options(demo.proxy + "/api/process", headers=preflight) as resp:
+                assert resp.status == 204
+                assert resp.headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
+            async with session.get(
+                demo.proxy + "/hello?name=Page", headers={"Origin": "http://localhost:3000"}
+            ) as resp:
+                assert resp.status == 200
+                assert resp.headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
+                assert await resp.json() == {"message": "Hello, Page!"}
+            async with session.get(
+                demo.proxy + "/hello?name=x", headers={"Origin": "http://evil.example"}
+            ) as resp:
+                assert resp.status == 403
+        assert await demo.stop() == 0
