@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -28,7 +29,15 @@ from botocore.credentials import (
     DeferredRefreshableCredentials,
     ReadOnlyCredentials,
 )
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    EndpointConnectionError,
+    LoginError,
+    SSOTokenLoadError,
+    TokenRetrievalError,
+    UnauthorizedSSOTokenError,
+)
 
 from .config import Config, CredentialsSpec
 from .errors import CredentialsError, CredentialsUnavailable
@@ -176,10 +185,42 @@ class CredentialSource:
             self._refresh = None
 
 
-def _describe_error(exc: BaseException) -> str:
-    # botocore messages name profiles, roles and endpoints, never secret values.
-    text = str(exc) or type(exc).__name__
-    return text.replace("\n", " ")
+def _describe_error(exc: BaseException, spec: CredentialsSpec | None = None) -> str:
+    """botocore's words (they name profiles, roles and endpoints, never secret values)
+    and, where the cause is known, the next step."""
+    text = (str(exc) or type(exc).__name__).replace("\n", " ")
+    profile = (spec.profile if spec else None) or os.environ.get("AWS_PROFILE") or "default"
+    step = None
+    if isinstance(exc, SSOTokenLoadError | UnauthorizedSSOTokenError | TokenRetrievalError):
+        step = f"run: aws sso login --profile {profile}"
+    elif isinstance(exc, LoginError):
+        step = f"run: aws login --profile {profile}"
+    elif isinstance(exc, EndpointConnectionError):
+        step = "check that this machine reaches that endpoint (network, DNS, HTTPS_PROXY)"
+    elif isinstance(exc, ClientError):
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code == "AccessDenied" and spec is not None and spec.role_arn:
+            step = (
+                f"the trust policy of {spec.role_arn} must allow the source identity to call "
+                "sts:AssumeRole (and the identity's own policy must allow it on that role)"
+            )
+        elif code in ("InvalidClientTokenId", "ExpiredToken", "SignatureDoesNotMatch"):
+            step = "the source credentials are not valid: refresh them, or run aws configure"
+    return f"{text} ({step})" if step else text
+
+
+def _unreadable_aws_files() -> list[str]:
+    """The shared credentials and config files that exist but this process may not read:
+    botocore skips them silently, and then reports a missing profile."""
+    paths = [
+        os.environ.get("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials"),
+        os.environ.get("AWS_CONFIG_FILE", "~/.aws/config"),
+    ]
+    unreadable = []
+    for path in (os.path.expanduser(p) for p in paths):
+        if os.path.exists(path) and not os.access(path, os.R_OK):
+            unreadable.append(path)
+    return unreadable
 
 
 class CredentialStore:
@@ -240,16 +281,22 @@ def _resolve_spec(spec: CredentialsSpec, region: str) -> CredentialSource:
         if credentials is None:
             raise CredentialsError(
                 "none found (looked in the environment, shared credentials and config "
-                "files, SSO, container and instance metadata)"
+                "files, SSO, container and instance metadata; set AWS_PROFILE or "
+                "credentials.profile, or run aws configure)"
             )
         if spec.role_arn:
             credentials = _assume_role(session, credentials, spec, region)
         source = CredentialSource(credentials, spec.describe())
         source.load()
-    except CredentialsError:
-        raise
-    except (BotoCoreError, ClientError) as exc:
-        raise CredentialsError(_describe_error(exc)) from None
+    except (CredentialsError, BotoCoreError, ClientError) as exc:
+        text = str(exc) if isinstance(exc, CredentialsError) else _describe_error(exc, spec)
+        unreadable = _unreadable_aws_files()
+        if unreadable:
+            text += (
+                f"; permission denied reading {', '.join(unreadable)} (this process runs as "
+                f"uid {os.getuid()}: make the file readable to it)"
+            )
+        raise CredentialsError(text) from None
     return source
 
 

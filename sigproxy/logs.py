@@ -84,10 +84,12 @@ def setup_logging(level: str, fmt: str = "text") -> None:
 def protect_secrets() -> None:
     """Keep other libraries' log lines free of secrets whatever the root level is.
     Called by the CLI and by every app factory, so embedding sigproxy is safe too."""
-    # botocore's debug output includes canonical requests, which carry session tokens.
+    # botocore's debug output includes canonical requests, which carry session tokens; its
+    # warnings are tracebacks of credential failures that sigproxy reports itself, in one
+    # line with the next step.
     botocore_logger = logging.getLogger("botocore")
-    if botocore_logger.getEffectiveLevel() < logging.WARNING:
-        botocore_logger.setLevel(logging.WARNING)
+    if botocore_logger.getEffectiveLevel() < logging.ERROR:
+        botocore_logger.setLevel(logging.ERROR)
     server_logger = logging.getLogger("aiohttp.server")
     if not any(isinstance(f, RedactProtocolErrors) for f in server_logger.filters):
         server_logger.addFilter(RedactProtocolErrors())

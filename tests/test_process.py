@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from .conftest import one_upstream
+from .conftest import FakeSts, one_upstream
 from .support import (
     ACCESS_KEY,
     SECRET_KEY,
@@ -142,7 +143,8 @@ def test_no_credentials_exit_2(tmp_path: Path, command: str) -> None:
     assert result.stderr.strip().splitlines()[-1] == (
         "sigproxy: error: upstreams[0] (orders): no usable AWS credentials from default chain: "
         "none found (looked in the environment, shared credentials and config files, SSO, "
-        "container and instance metadata)"
+        "container and instance metadata; set AWS_PROFILE or credentials.profile, or run aws "
+        "configure)"
     )
 
 
@@ -492,3 +494,95 @@ def test_the_readme_synopsis_lists_every_flag_and_every_command_describes_itself
             if long == "--help":
                 continue
             assert long in text, f"sigproxy {name} {long} is not in the README synopsis"
+
+
+# --- credential failures: one line, the next step, no botocore traceback ----------------
+
+
+def test_sso_profile_not_logged_in_is_one_line_naming_aws_sso_login(tmp_path: Path) -> None:
+    (tmp_path / "aws-config").write_text(
+        "[profile dev]\nsso_session = corp\nsso_account_id = 123456789012\n"
+        "sso_role_name = invoke\nregion = us-east-1\n"
+        "[sso-session corp]\nsso_start_url = https://corp.awsapps.com/start\n"
+        "sso_region = us-east-1\n"
+    )
+    path = write(
+        tmp_path,
+        "upstreams:\n  - {name: fn, url: 'http://127.0.0.1:9', region: us-east-1,"
+        " credentials: {profile: dev}}\n",
+    )
+    env = dict(creds_env(), AWS_CONFIG_FILE=str(tmp_path / "aws-config"), HOME=str(tmp_path))
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        env.pop(name, None)
+    for command in ("check", "serve"):
+        result = run_cli(command, "--config", path, env=env)
+        assert result.returncode == 2
+        assert result.stderr.count("\n") == 1, result.stderr  # one line, nothing before it
+        assert result.stderr.rstrip().endswith("(run: aws sso login --profile dev)")
+        assert "Traceback" not in result.stderr
+
+
+async def test_a_refused_assume_role_is_one_line_naming_the_trust_policy(
+    sts: FakeSts, tmp_path: Path
+) -> None:
+    sts.fail = True
+    role = "arn:aws:iam::123456789012:role/invoke"
+    path = write(tmp_path, one_upstream(1, credentials=f"{{role_arn: '{role}'}}"))
+    result = await asyncio.to_thread(run_cli, "check", "--config", path, env=creds_env())
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "not authorized to assume role" in result.stderr
+    assert f"the trust policy of {role} must allow" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def _others_can_run(path: str) -> bool:
+    """Whether a user who is neither owner nor group can execute ``path`` (every folder
+    above it searchable by others)."""
+    current = Path(path).resolve()
+    for folder in current.parents:
+        if not folder.stat().st_mode & 0o001:
+            return False
+    return bool(current.stat().st_mode & 0o001)
+
+
+@pytest.mark.skipif(
+    os.getuid() != 0 or not _others_can_run(sys.executable),
+    reason="needs root, and an interpreter another user may run (pyenv under /root is not)",
+)
+def test_an_unreadable_credentials_file_says_permission_denied() -> None:
+    """The compose file mounts ~/.aws (written 0600) into a container running as uid
+    10001: botocore skips an unreadable file silently and reports no credentials."""
+    with tempfile.TemporaryDirectory(prefix="sigproxy-perm-") as folder:  # pytest's are 0700
+        _unreadable_credentials(Path(folder))
+
+
+def _unreadable_credentials(shared: Path) -> None:
+    shared.chmod(0o755)
+    creds = shared / "credentials"
+    creds.write_text("[dev]\naws_access_key_id = AKIDUNREADABLE0001\naws_secret_access_key = s\n")
+    creds.chmod(0o600)  # root's, as ~/.aws/credentials is its owner's
+    config = shared / "sigproxy.yaml"
+    config.write_text(
+        "upstreams:\n  - {name: fn, url: 'http://127.0.0.1:9', region: us-east-1,"
+        " credentials: {profile: dev}}\n"
+    )
+    config.chmod(0o644)
+    env = dict(creds_env(), AWS_SHARED_CREDENTIALS_FILE=str(creds), HOME=str(shared))
+    env["AWS_CONFIG_FILE"] = str(shared / "no-config")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        env.pop(name, None)
+    result = subprocess.run(
+        [sys.executable, "-m", "sigproxy", "check", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=60,
+        user=65534,
+        group=65534,
+    )
+    assert result.returncode == 2
+    assert f"permission denied reading {creds}" in result.stderr
+    assert "uid 65534" in result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
