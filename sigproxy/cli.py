@@ -88,6 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
         "route table; exit 0, or 2 with one line naming the problem.",
     )
     add_config(check_p)
+    check_p.add_argument(
+        "--no-credentials",
+        action="store_true",
+        help="validate the config and print the routes without resolving credentials "
+        "(in CI, without AWS access)",
+    )
+    check_p.add_argument(
+        "--offline",
+        action="store_true",
+        help="skip the DNS lookup of each upstream's host",
+    )
 
     demo_p = sub.add_parser(
         "demo",
@@ -146,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.warning("%s", warning)
     try:
         if args.command == "check":
-            return _check(config)
+            return _check(config, args)
         return _serve(config, args.config, args)
     except SigproxyError as exc:
         return _fail(str(exc))
@@ -171,14 +182,24 @@ def _fail(message: str) -> int:
     return EXIT_USAGE
 
 
-def _check(config: Config) -> int:
+def _check(config: Config, args: argparse.Namespace) -> int:
     from .credentials import CredentialStore
 
-    store = CredentialStore.resolve(config)
+    for warning in _region_warnings(config):
+        log.warning("%s", warning)
+    if not args.offline:
+        for warning in _dns_warnings(config):
+            log.warning("%s", warning)
+    store = None if args.no_credentials else CredentialStore.resolve(config)
     rows = [("PREFIX", "HOST", "UPSTREAM", "URL", "REGION", "SERVICE", "AUTH", "CREDENTIALS")]
     for upstream in config.upstreams:
-        source = store.get(upstream.name)
-        creds = "-" if source is None else f"{source.description} ({source.method})"
+        if upstream.auth != "aws_iam":
+            creds = "-"
+        elif store is None:
+            creds = f"{upstream.credentials.describe()} (not resolved)"
+        else:
+            source = store.get(upstream.name)
+            creds = "-" if source is None else f"{source.description} ({source.method})"
         rows.append(
             (
                 upstream.path_prefix,
@@ -196,6 +217,71 @@ def _check(config: Config) -> int:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     print(f"config OK: {config.source}, {len(config.upstreams)} upstream(s)")
     return EXIT_OK
+
+
+def _region_warnings(config: Config) -> list[str]:
+    """Regions botocore's own partition data does not know for the service: a typo
+    (us-esat-1) signs for a region that refuses every request. A warning, since a new
+    region can be newer than the installed botocore."""
+    import difflib
+
+    import botocore.session
+
+    session = botocore.session.get_session()
+    found = []
+    for upstream in config.upstreams:
+        if upstream.auth != "aws_iam" or not upstream.region:
+            continue
+        known = {
+            region
+            for partition in session.get_available_partitions()
+            for region in session.get_available_regions(upstream.service, partition)
+        }
+        if known and upstream.region not in known:
+            # Swapped letters (us-esat-1) first, then whatever difflib finds closest.
+            close = [r for r in sorted(known) if sorted(r) == sorted(upstream.region)]
+            close = close or difflib.get_close_matches(upstream.region, sorted(known), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            found.append(
+                f"upstream {upstream.name!r}: {upstream.region} is not a region botocore "
+                f"knows for {upstream.service}{hint}"
+            )
+    return found
+
+
+def _is_address(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+def _dns_warnings(config: Config) -> list[str]:
+    """Upstream hosts that do not resolve: a typo in the URL, or no network here."""
+    import concurrent.futures
+    import socket
+
+    hosts = sorted({u.url_host for u in config.upstreams if not _is_address(u.url_host)})
+    found = []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        lookups = {h: pool.submit(socket.getaddrinfo, h, 443) for h in hosts}
+        for host, lookup in lookups.items():
+            try:
+                lookup.result(timeout=5)
+            except concurrent.futures.TimeoutError:
+                found.append(f"DNS lookup of {host} took over 5 s (offline? pass --offline)")
+            except (OSError, UnicodeError) as exc:  # UnicodeError: not a valid name at all
+                reason = getattr(exc, "strerror", None) or str(exc)
+                found.append(
+                    f"DNS lookup of {host} failed: {reason} (a typo in the url, or no network "
+                    "here: --offline skips this check)"
+                )
+    return found
 
 
 def _serve(config: Config, path: str, args: argparse.Namespace) -> int:

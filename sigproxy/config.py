@@ -476,7 +476,10 @@ def _upstream(s: Section) -> Upstream:
         )
     if "credentials" in s.given and auth == "none":
         raise ConfigError(s.at("credentials"), "is not used when auth is none; remove it")
-    return s.build(Upstream, region=region, **derived)
+    service = s.values["service"]
+    if "service" not in s.given and _API_GATEWAY.match(derived["url_host"]):
+        service = "execute-api"  # API Gateway signs as execute-api, not lambda
+    return s.build(Upstream, region=region, service=service, **derived)
 
 
 def _from_url(url: str, path: str) -> dict[str, str]:
@@ -517,10 +520,9 @@ def _from_url(url: str, path: str) -> dict[str, str]:
 
 
 # Hosts whose name carries the region: Function URLs and API Gateway.
-_REGION_FROM_HOST = (
-    re.compile(r"^[a-z0-9]+\.lambda-url\.([a-z0-9-]+)\.on\.aws$"),
-    re.compile(r"^[a-z0-9]+\.execute-api\.([a-z0-9-]+)\.amazonaws\.com(\.cn)?$"),
-)
+_FUNCTION_URL = re.compile(r"^[a-z0-9]+\.lambda-url\.([a-z0-9-]+)\.on\.aws$")
+_API_GATEWAY = re.compile(r"^[a-z0-9]+\.execute-api\.([a-z0-9-]+)\.amazonaws\.com(\.cn)?$")
+_REGION_FROM_HOST = (_FUNCTION_URL, _API_GATEWAY)
 
 
 def _region_from_host(hostname: str) -> str | None:
@@ -718,6 +720,12 @@ def read_text(path: str) -> str:
     try:
         with open(path, encoding="utf-8") as fh:
             return fh.read()
+    except FileNotFoundError:
+        raise ConfigError(
+            "",
+            f"no config file {path} (give --config PATH or set SIGPROXY_CONFIG, or start "
+            "from the example: cp config.example.yaml sigproxy.yaml)",
+        ) from None
     except OSError as exc:
         raise ConfigError("", f"cannot read config file {path}: {exc.strerror}") from None
     except UnicodeDecodeError:
@@ -815,6 +823,17 @@ def warnings(config: Config) -> list[str]:
                 "shares the proxy's origin with the signed routes: a page it returns could "
                 "call them as its own. Give it its own host: name unless you trust its "
                 "content."
+            )
+        if upstream.base_path and _FUNCTION_URL.match(upstream.url_host):
+            found.append(
+                f"upstream {upstream.name!r}: its url has a path ({upstream.base_path}), which "
+                f"becomes a base path: {upstream.path_prefix.rstrip('/')}/x is sent as "
+                f"{upstream.base_path}/x. A Function URL is usually given without one."
+            )
+        if upstream.service == "lambda" and _API_GATEWAY.match(upstream.url_host):
+            found.append(
+                f"upstream {upstream.name!r}: an API Gateway URL signed for service lambda; "
+                "API Gateway expects execute-api (leave service out, or set it)"
             )
     return found
 

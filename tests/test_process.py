@@ -49,6 +49,9 @@ def creds_env() -> dict[str, str]:
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    if args and args[0] == "check" and "--offline" not in args:
+        # No DNS lookups of the tests' made-up Function URL hosts: nothing leaves loopback.
+        args = (*args, "--offline")
     return subprocess.run(
         [sys.executable, "-m", "sigproxy", *args],
         capture_output=True,
@@ -101,7 +104,7 @@ def test_check_prints_route_table(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        (None, r"cannot read config file .*missing\.yaml: No such file or directory"),
+        (None, r"no config file .*missing\.yaml \(give --config PATH"),
         ("upstreams: [", r"invalid YAML: line 1"),
         (
             "upstreams:\n  - {name: a, url: 'http://10.1.2.3'}\n",
@@ -586,3 +589,66 @@ def _unreadable_credentials(shared: Path) -> None:
     assert f"permission denied reading {creds}" in result.stderr
     assert "uid 65534" in result.stderr
     assert result.stderr.count("\n") == 1, result.stderr
+
+
+# --- sigproxy check catches the likely mistakes ---------------------------------------
+
+
+def _check_without_aws(path: str, tmp_path: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_EC2_METADATA_DISABLED="true", AWS_CONFIG_FILE=str(tmp_path / "none"))
+    env["AWS_SHARED_CREDENTIALS_FILE"] = str(tmp_path / "none")
+    return subprocess.run(
+        [sys.executable, "-m", "sigproxy", "check", "--config", path, "--no-credentials", *flags],
+        capture_output=True, text=True, env=env, timeout=60, cwd=ROOT, check=False,
+    )  # fmt: skip
+
+
+def test_check_warns_about_likely_mistakes_and_runs_without_credentials(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "upstreams:\n"
+        "  - {name: typo, url: 'https://abc.lambda-url.us-esat-1.on.aws'}\n"
+        "  - {name: pasted, url: 'https://def.lambda-url.eu-west-1.on.aws/prod', path_prefix: /p}\n"
+        "  - {name: api, url: 'https://x1y2.execute-api.eu-west-1.amazonaws.com', path_prefix: /api}\n"
+        "  - {name: api-as-lambda, url: 'https://z9.execute-api.eu-west-1.amazonaws.com',"
+        " path_prefix: /z, service: lambda}\n",
+    )
+    result = _check_without_aws(path, tmp_path, "--offline")  # no DNS for made-up hosts
+    assert result.returncode == 0, result.stderr
+    err = result.stderr
+    assert (
+        "'typo': us-esat-1 is not a region botocore knows for lambda (did you mean us-east-1?)"
+        in err
+    )
+    assert (
+        "'pasted': its url has a path (/prod), which becomes a base path: /p/x is sent as /prod/x"
+        in err
+    )
+    assert "'api-as-lambda': an API Gateway URL signed for service lambda" in err
+    assert "DNS lookup" not in err
+    assert "Traceback" not in err
+    table = {line.split()[2]: line.split() for line in result.stdout.splitlines()[1:-1]}
+    assert table["api"][5] == "execute-api"  # inferred from the host
+    assert table["api-as-lambda"][5] == "lambda"
+    assert result.stdout.count("(not resolved)") == 4
+
+
+def test_check_looks_each_host_up(tmp_path: Path) -> None:
+    """A host that cannot resolve is a warning naming it. This one fails in the resolver
+    library itself (a label over 63 characters), so no query leaves the machine."""
+    host = "a" * 64 + ".lambda-url.us-east-1.on.aws"
+    path = write(tmp_path, f"upstreams:\n  - {{name: bad-host, url: 'https://{host}'}}\n")
+    result = _check_without_aws(path, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"DNS lookup of {host} failed" in result.stderr
+    assert "--offline skips this check" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_missing_config_file_says_where_one_comes_from(tmp_path: Path) -> None:
+    result = run_cli("check", "--config", str(tmp_path / "sigproxy.yaml"))
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert "give --config PATH or set SIGPROXY_CONFIG" in result.stderr
+    assert result.stderr.rstrip().endswith("cp config.example.yaml sigproxy.yaml)")
