@@ -552,7 +552,7 @@ def _inbound_auth(s: Section) -> InboundAuth:
     """The tokens listed and those in tokens_file (one a line): at least one, all long."""
     tokens = [t for t in s.values["tokens"] if t]
     path = s.extra["tokens_file"]
-    if path is not None:  # relative to the working directory, like any path argument
+    if path is not None:  # load_config made it relative to the config file
         try:
             with open(path, encoding="utf-8") as fh:
                 tokens.extend(line.strip() for line in fh if line.strip())
@@ -704,8 +704,15 @@ SCHEMA = Schema(Config, _config, extra={"emulator": Key(lambda value, path: valu
 
 
 def load_config(path: str, environ: Mapping[str, str] | None = None) -> Config:
-    """Read, expand and validate the YAML file at ``path``."""
-    return parse_config(read_text(path), source=path, environ=environ)
+    """Read, expand and validate the YAML file at ``path``. Relative paths in it
+    (``inbound_auth.tokens_file``) are relative to the file, as the emulator's handlers
+    are, not to wherever sigproxy was started."""
+    data = parse_yaml(read_text(path), environ)
+    auth = data.get("inbound_auth") if isinstance(data, dict) else None
+    if isinstance(auth, dict) and isinstance(auth.get("tokens_file"), str):
+        folder = os.path.dirname(os.path.abspath(path))
+        auth["tokens_file"] = os.path.join(folder, os.path.expanduser(auth["tokens_file"]))
+    return dataclasses.replace(SCHEMA(data, ""), source=path)
 
 
 def parse_config(

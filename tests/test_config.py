@@ -230,3 +230,23 @@ def test_example_config_is_valid() -> None:
     config = load_config(str(ROOT / "config.example.yaml"), environ={})
     assert [u.name for u in config.upstreams] == ["orders", "public"]
     assert config.listen.port == 8080
+
+
+def test_tokens_file_is_relative_to_the_config_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A config and its tokens file side by side work from any working directory, as the
+    emulator's handler paths already do."""
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    (folder / "tokens").write_text("a-token-of-sixteen-chars-or-more\n")
+    (folder / "sigproxy.yaml").write_text(
+        "listen: {host: 0.0.0.0}\ninbound_auth: {tokens_file: tokens}\n"
+        "upstreams: [{name: a, url: 'http://127.0.0.1:1', region: us-east-1}]\n"
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    config = load_config(str(folder / "sigproxy.yaml"))
+    assert config.inbound_auth is not None
+    assert config.inbound_auth.tokens == ("a-token-of-sixteen-chars-or-more",)
