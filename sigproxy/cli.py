@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="the example functions as local Function URLs with sigproxy in front",
         description="Start the example functions as local Function URLs (AuthType AWS_IAM, "
-        "throwaway keys) and sigproxy in front of them, offline; Ctrl-C stops both.",
+        "throwaway keys) and sigproxy in front of them, offline; Ctrl-C stops them all.",
     )
     demo_p.add_argument("--host", default="127.0.0.1", help="proxy listen host (default 127.0.0.1)")
     demo_p.add_argument(

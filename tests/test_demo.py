@@ -381,3 +381,10 @@ async def test_cors_origin_lets_a_page_on_that_origin_call_the_demo() -> None:
             ) as resp:
                 assert resp.status == 403
         assert await demo.stop() == 0
+
+
+def test_the_newman_script_waits_for_the_line_the_demo_prints() -> None:
+    """CI's Postman run knows the demo is ready by its last line: the two must agree."""
+    script = (Path(__file__).resolve().parent.parent / "examples/postman/run-newman.sh").read_text()
+    grep_pattern = "'^" + READY.replace(".", "\\.") + "'"  # a basic regex, as grep reads it
+    assert grep_pattern in script
