@@ -257,14 +257,10 @@ async def test_serve_signs_and_stops_on_sigterm(upstream: FakeFunctionUrl, tmp_p
     assert "Traceback" not in log
 
 
-def test_aws_login_profile_is_read_by_botocore_as_it_is(tmp_path: Path) -> None:
-    """A profile made by `aws login` (login_session) needs botocore's login provider,
-    which needs awscrt when it is installed (the test extra installs it): the command
-    must leave botocore's imports alone, so the error is the login's own next step, not
-    a missing dependency."""
-    (tmp_path / "aws-config").write_text(
-        "[profile dev]\nlogin_session = arn:aws:iam::123456789012:user/dev\n"
-    )
+def profile_dev(tmp_path: Path, aws_config: str) -> tuple[str, dict[str, str]]:
+    """A sigproxy config whose upstream signs with profile dev, defined by ``aws_config``,
+    and an environment with no other credentials: (config path, environment)."""
+    (tmp_path / "aws-config").write_text(aws_config)
     path = write(
         tmp_path,
         "upstreams:\n  - {name: fn, url: 'http://127.0.0.1:9', region: us-east-1,"
@@ -273,6 +269,17 @@ def test_aws_login_profile_is_read_by_botocore_as_it_is(tmp_path: Path) -> None:
     env = dict(creds_env(), AWS_CONFIG_FILE=str(tmp_path / "aws-config"), HOME=str(tmp_path))
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
         env.pop(name, None)
+    return path, env
+
+
+def test_aws_login_profile_is_read_by_botocore_as_it_is(tmp_path: Path) -> None:
+    """A profile made by `aws login` (login_session) needs botocore's login provider,
+    which needs awscrt when it is installed (the test extra installs it): the command
+    must leave botocore's imports alone, so the error is the login's own next step, not
+    a missing dependency."""
+    path, env = profile_dev(
+        tmp_path, "[profile dev]\nlogin_session = arn:aws:iam::123456789012:user/dev\n"
+    )
     result = run_cli("check", "--config", path, env=env)
     assert result.returncode == 2
     assert "botocore[crt]" not in result.stderr
@@ -503,20 +510,13 @@ def test_the_readme_synopsis_lists_every_flag_and_every_command_describes_itself
 
 
 def test_sso_profile_not_logged_in_is_one_line_naming_aws_sso_login(tmp_path: Path) -> None:
-    (tmp_path / "aws-config").write_text(
+    path, env = profile_dev(
+        tmp_path,
         "[profile dev]\nsso_session = corp\nsso_account_id = 123456789012\n"
         "sso_role_name = invoke\nregion = us-east-1\n"
         "[sso-session corp]\nsso_start_url = https://corp.awsapps.com/start\n"
-        "sso_region = us-east-1\n"
+        "sso_region = us-east-1\n",
     )
-    path = write(
-        tmp_path,
-        "upstreams:\n  - {name: fn, url: 'http://127.0.0.1:9', region: us-east-1,"
-        " credentials: {profile: dev}}\n",
-    )
-    env = dict(creds_env(), AWS_CONFIG_FILE=str(tmp_path / "aws-config"), HOME=str(tmp_path))
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
-        env.pop(name, None)
     for command in ("check", "serve"):
         result = run_cli(command, "--config", path, env=env)
         assert result.returncode == 2
