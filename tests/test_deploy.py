@@ -14,6 +14,10 @@ import pytest
 import yaml
 
 from sigproxy.config import parse_config
+from sigproxy.errors import ConfigError
+
+from .support import FakeFunctionUrl, raw_request, verify_sigv4
+from .test_process import creds_env, serve_process
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 
@@ -99,6 +103,12 @@ def test_systemd_unit() -> None:
     for option in ("ProtectSystem", "NoNewPrivileges", "PrivateTmp", "RestrictAddressFamilies"):
         assert option in service
     assert service["CapabilityBoundingSet"] == ""
+    # The install the header documents: a venv of its own (no PyPI package, no system pip).
+    assert service["ExecStart"].startswith("/opt/sigproxy/bin/sigproxy serve ")
+    header = (DEPLOY / "systemd" / "sigproxy.service").read_text().split("[Unit]")[0]
+    assert "python3 -m venv /opt/sigproxy" in header
+    # DynamicUser cannot read root's 0600 credentials: systemd hands them over.
+    assert service["LoadCredential"] == "aws-credentials:/etc/sigproxy/aws/credentials"
 
 
 def test_dockerfile() -> None:
@@ -107,3 +117,53 @@ def test_dockerfile() -> None:
     assert users and users[-1] not in ("root", "0")
     assert re.search(r"^HEALTHCHECK .*\n.*127\.0\.0\.1:9090/healthz", text, re.M)
     assert re.search(r'^ENTRYPOINT \["sigproxy"\]', text, re.M)  # exec form: gets SIGTERM
+
+
+def test_the_image_default_config_needs_a_url_and_a_token() -> None:
+    """The image serves deploy/docker/sigproxy.yaml unless a config is mounted over it:
+    reachable from outside the container (so a token is required), its admin port the
+    one the HEALTHCHECK probes, and without its variables one line saying which to set."""
+    text = (DEPLOY / "docker" / "sigproxy.yaml").read_text()
+    dockerfile = (DEPLOY / "docker" / "Dockerfile").read_text()
+    assert "COPY deploy/docker/sigproxy.yaml /etc/sigproxy/sigproxy.yaml" in dockerfile
+    assert 'CMD ["serve", "--config", "/etc/sigproxy/sigproxy.yaml"]' in dockerfile
+    environ = {
+        "SIGPROXY_URL": "https://abc123example.lambda-url.eu-west-1.on.aws",
+        "SIGPROXY_TOKEN": "t" * 32,
+    }
+    config = parse_config(text, environ=environ)
+    assert config.listen.host == "0.0.0.0"
+    assert config.inbound_auth is not None and config.inbound_auth.tokens == ("t" * 32,)
+    assert config.admin is not None and config.admin.port == 9090
+    assert "127.0.0.1:9090/healthz" in dockerfile
+    assert config.upstreams[0].region == "eu-west-1"
+    assert "sigproxy" in config.allowed_hosts
+    for missing in ("SIGPROXY_URL", "SIGPROXY_TOKEN"):
+        with pytest.raises(ConfigError, match=f"environment variable {missing} is not set"):
+            parse_config(text, environ={k: v for k, v in environ.items() if k != missing})
+
+
+async def test_the_image_default_config_serves_as_the_run_line_says(
+    upstream: FakeFunctionUrl,
+) -> None:
+    """What `docker run ... -e SIGPROXY_URL -e SIGPROXY_TOKEN -e AWS_...` starts, run as the
+    real process (no Docker engine here): the token is required, the request is signed."""
+    env = dict(
+        creds_env(),
+        SIGPROXY_URL=f"http://127.0.0.1:{upstream.port}",
+        SIGPROXY_REGION="us-east-1",
+        SIGPROXY_TOKEN="container-token-never-LOGGED-01",
+    )
+    path = str(DEPLOY / "docker" / "sigproxy.yaml")
+    async with serve_process(path, "--admin-port", "0", env=env) as served:
+        refused = await raw_request(served.port, "GET", "/orders/1")
+        assert refused.status == 401
+        ok = await raw_request(
+            served.port,
+            "GET",
+            "/orders/1",
+            [("Authorization", "Bearer container-token-never-LOGGED-01")],
+        )
+        assert ok.status == 200
+        verify_sigv4(upstream.last, region="us-east-1")
+        assert await served.stop() == 0
