@@ -47,9 +47,15 @@ ROW = "{:<10} {:>8}  {:>6}  {:>9}  {:>7}  {:>7}"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds (default 10)")
-    parser.add_argument("--concurrency", type=int, default=16, help="concurrent workers (default 16)")
-    parser.add_argument("--body-bytes", type=int, default=1024, help="request body bytes (default 1024)")
+    parser.add_argument(
+        "--duration", type=float, default=10.0, help="measured seconds (default 10)"
+    )
+    parser.add_argument(
+        "--concurrency", type=int, default=16, help="concurrent workers (default 16)"
+    )
+    parser.add_argument(
+        "--body-bytes", type=int, default=1024, help="request body bytes (default 1024)"
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args()
 
