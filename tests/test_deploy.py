@@ -82,6 +82,8 @@ def test_compose_config_loads() -> None:
     assert any(v.endswith(":/aws:ro") for v in service["volumes"])
     assert any(v.endswith("sigproxy.yaml:ro") for v in service["volumes"])
     assert service["read_only"] is True
+    # ~/.aws is 0600 and the user's: the container runs as the user, not the image's 10001.
+    assert service["user"].startswith("${SIGPROXY_USER:-")
     assert int(service["stop_grace_period"].rstrip("s")) > config.grace_period
     # The app calls the proxy by its service name: that Host must be allowed.
     app_command = " ".join(compose["services"]["app"]["command"])
