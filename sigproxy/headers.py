@@ -126,16 +126,8 @@ def response_headers(incoming: Headers, *, cors: bool) -> tuple[list[tuple[str, 
     return out, undecodable
 
 
-def connection_tokens(headers: Headers) -> set[str]:
-    """The header names a ``Connection`` header lists (hop-by-hop for this message)."""
-    tokens: set[str] = set()
-    for name, value in headers:
-        if name.lower() == "connection":
-            tokens |= _tokens(value)
-    return tokens
-
-
 def _tokens(value: str) -> set[str]:
+    """The header names one ``Connection`` value lists (hop-by-hop for this message)."""
     return {t.strip().lower() for t in value.split(",") if t.strip()}
 
 

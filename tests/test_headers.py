@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sigproxy.errors import BadRequest
-from sigproxy.headers import Client, connection_tokens, is_utf8, request_headers, response_headers
+from sigproxy.headers import Client, is_utf8, request_headers, response_headers
 
 CLIENT = Client(address="10.0.0.9", scheme="http", host="127.0.0.1:8080")
 
@@ -209,8 +209,22 @@ def test_response_headers(
         ([("X-Connection", "x-a")], set()),
     ],
 )
-def test_connection_tokens(headers: list[tuple[str, str]], tokens: set[str]) -> None:
-    assert connection_tokens(headers) == tokens
+def test_the_names_connection_lists_are_dropped_both_ways(
+    headers: list[tuple[str, str]], tokens: set[str]
+) -> None:
+    """Exactly the names the Connection headers list (trimmed, any case, empty items
+    ignored, several Connection headers added up) are hop-by-hop."""
+    listed = [(t.upper(), "v") for t in sorted(tokens)]
+    others = [h for h in headers if h[0].lower() != "connection"]
+    incoming = [*headers, *listed, ("X-Kept", "1")]
+    assert response_headers(incoming, cors=False) == ([*others, ("X-Kept", "1")], [])
+    sent = upstream_bound(incoming, signed=False)
+    assert sent == [
+        ("Host", "abc.lambda-url.us-east-1.on.aws"),
+        *others,
+        ("X-Kept", "1"),
+        *FORWARDED,
+    ]
 
 
 @pytest.mark.parametrize(
