@@ -109,16 +109,31 @@ class Int:
         return value
 
 
-def seconds(value: Any, path: str) -> float:
-    """A number of seconds, more than 0 and at most a day."""
-    if isinstance(value, _Expanded):
-        with contextlib.suppress(ValueError):
-            value = float(value)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(path, f"must be a number of seconds, got {_type_name(value)}")
-    if not 0 < value <= 86400:
-        raise ConfigError(path, f"must be more than 0 and at most 86400, got {value}")
-    return float(value)
+@dataclass(frozen=True)
+class Seconds:
+    """A number of seconds from ``minimum`` (excluded when ``above``) to ``maximum``."""
+
+    minimum: float
+    maximum: float
+    above: bool = False
+
+    def __call__(self, value: Any, path: str) -> float:
+        if isinstance(value, _Expanded):
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(path, f"must be a number of seconds, got {_type_name(value)}")
+        low = value > self.minimum if self.above else value >= self.minimum
+        if not low or value > self.maximum:
+            bound = "more than" if self.above else "at least"
+            raise ConfigError(
+                path, f"must be {bound} {self.minimum:g} and at most {self.maximum:g}, got {value}"
+            )
+        return float(value)
+
+
+seconds = Seconds(0, 86400, above=True)
+"""A timeout: more than 0 seconds, at most a day."""
 
 
 _WORDS = {"true": True, "yes": True, "on": True, "1": True}

@@ -1,5 +1,6 @@
 """``sigproxy demo``: the example functions as local Function URLs (AuthType AWS_IAM,
-throwaway keys made for this run) with sigproxy in front, signing with those keys."""
+throwaway keys made for this run) with sigproxy in front, signing with those keys; and
+one function whose resource policy refuses the demo's caller, to show that refusal."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 from .app import listening_urls, running_proxy, stop_signals
 from .config import parse_config
 from .credentials import CredentialSource, CredentialStore
-from .emulator.config import DEFAULT_ACCOUNT, Cors, EmulatorConfig, FunctionConfig
+from .emulator.config import DEFAULT_ACCOUNT, Cors, EmulatorConfig, FunctionConfig, Grant
 from .emulator.server import start_functions, stop_functions
 from .emulator.sigv4 import Caller
 
@@ -23,7 +24,11 @@ ROUTES = (
     ("/hello", "hello", "hello.py"),
     ("/webhook", "webhook", "webhook.py"),
     ("/api", "router", "router.py"),
+    ("/denied", "denied", "hello.py"),
 )
+# The function whose resource policy grants the caller lambda:InvokeFunctionUrl only:
+# since October 2025 a Function URL also needs lambda:InvokeFunction, so IAM refuses it.
+DENIED = "denied"
 
 
 def examples_dir() -> Path:
@@ -64,6 +69,11 @@ async def run_demo(
                 handler=f"{folder / file}:handler",
                 auth="AWS_IAM",
                 cors=Cors(allow_origins=("*",), allow_methods=("*",), allow_headers=("*",)),
+                allow=(
+                    (Grant(principal=caller.user_arn, actions=("lambda:InvokeFunctionUrl",)),)
+                    if name == DENIED
+                    else None
+                ),
             )
             for _, name, file in ROUTES
         ),
@@ -115,9 +125,10 @@ def _print_instructions(proxy: str, functions: dict[str, str]) -> None:
         f"  {proxy}{prefix:<{width}}  ->  {name:<8} {functions[name]}  (examples/{file})"
         for prefix, name, file in ROUTES
     )
+    denied = "# refused by IAM (InvokeFunction missing): 403, X-Sigproxy-Diagnosis: access-denied"
     print(
         f"""
-sigproxy demo: a signing proxy in front of three local Function URLs (AuthType AWS_IAM).
+sigproxy demo: a signing proxy in front of four local Function URLs (AuthType AWS_IAM).
 No AWS account is involved: the functions accept only requests signed with throwaway keys
 made for this run, and sigproxy signs with those keys.
 
@@ -128,11 +139,12 @@ Try:
   curl -i '{functions["hello"]}/?name=John'    # straight to the function, unsigned: 403
   curl -X POST -H 'Content-Type: application/json' -d '{{"order": 42}}' {proxy}/api/process
   {_webhook_curl(proxy)}
+  curl -i '{proxy}/denied'    {denied}
 
 Browser: open {proxy}/hello?name=John
 Postman: GET {proxy}/hello?name=John with Authorization "No Auth" (sigproxy signs for you)
 
-Ctrl-C stops the proxy and the three functions.
+Ctrl-C stops the proxy and the four functions.
 """,
         flush=True,
     )

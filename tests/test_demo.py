@@ -28,13 +28,21 @@ from sigproxy.demo import demo_caller
 from .support import drain_lines, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
-READY = "Ctrl-C stops the proxy and the three functions."
+READY = "Ctrl-C stops the proxy and the four functions."
 WEBHOOK_SECRET = b"demo-webhook-secret"
 DEMO_USER_ARN = "arn:aws:iam::123456789012:user/sigproxy-demo"
 
 HELLO_LINE = re.compile(r"^\s*curl '(?P<proxy>http://[^' ]+)/hello\?name=John'$")
 DIRECT_LINE = re.compile(r"^\s*curl -i '(?P<function>http://[^' ]+)/\?name=John'\s+#.*403")
 POST_LINE = re.compile(r"^\s*curl -X POST .* (?P<proxy>http://\S+)/api/process$")
+DENIED_LINE = re.compile(
+    r"^\s*curl -i '(?P<proxy>http://[^' ]+)/denied'\s+# refused by IAM .*: 403, "
+    r"X-Sigproxy-Diagnosis: access-denied$"
+)
+DENIED_BODY = {
+    "Message": "Forbidden. For troubleshooting Function URL authorization issues, see: "
+    "https://docs.aws.amazon.com/lambda/latest/dg/urls-auth.html"
+}
 WEBHOOK_LINE = re.compile(
     r"^\s*curl -X POST .*X-Signature: sha256=[0-9a-f]{64}.* (?P<proxy>http://\S+)/webhook$"
 )
@@ -185,15 +193,16 @@ def assert_processed(payload: dict[str, Any]) -> None:
 
 def test_printed_instructions_are_consistent(demo: Demo) -> None:
     routes = demo.routes()
-    assert set(routes) == {"/hello", "/webhook", "/api"}
-    assert {m["name"] for m in routes.values()} == {"hello", "webhook", "router"}
+    assert set(routes) == {"/hello", "/webhook", "/api", "/denied"}
+    assert {m["name"] for m in routes.values()} == {"hello", "webhook", "router", "denied"}
     assert {m["proxy"] for m in routes.values()} == {demo.proxy}
     assert demo.line(POST_LINE)["proxy"] == demo.proxy
+    assert demo.line(DENIED_LINE)["proxy"] == demo.proxy
     # The unsigned example goes to the hello function itself, not through the proxy.
     assert demo.hello_function == routes["/hello"]["function"]
     assert demo.hello_function != demo.proxy
     functions = {m["function"] for m in routes.values()}
-    assert len(functions) == 3 and demo.proxy not in functions
+    assert len(functions) == 4 and demo.proxy not in functions
     assert re.fullmatch(r"http://127\.0\.0\.1:\d+", demo.proxy)
 
 
@@ -217,11 +226,18 @@ async def test_printed_curl_commands_work_as_printed(demo: Demo, tmp_path: Path)
         "type": "order.created",
         "id": 42,
     }
+
+    # Signed by sigproxy, refused by the function's resource policy.
+    denied = demo.line(DENIED_LINE).string
+    status, head, body = split_http(await run_printed(denied, tmp_path))
+    assert status == 403, head
+    assert re.search(r"(?mi)^x-amzn-ErrorType: AccessDeniedException\r?$", head), head
+    assert body == DENIED_BODY
     assert await demo.stop() == 0
 
 
 async def test_printed_requests_without_curl(demo: Demo) -> None:
-    """The same three requests with aiohttp, so they are checked where curl is missing."""
+    """The same requests with aiohttp, so they are checked where curl is missing."""
     async with aiohttp.ClientSession() as session:
         async with session.get(demo.proxy + "/hello?name=John") as resp:
             assert resp.status == 200
@@ -236,6 +252,10 @@ async def test_printed_requests_without_curl(demo: Demo) -> None:
         ) as resp:
             assert resp.status == 200
             assert_processed(await resp.json())
+        async with session.get(demo.proxy + "/denied") as resp:
+            assert resp.status == 403
+            assert resp.headers["x-amzn-ErrorType"] == "AccessDeniedException"
+            assert await resp.json() == DENIED_BODY
 
 
 def webhook_signature(body: bytes) -> str:

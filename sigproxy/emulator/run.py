@@ -18,6 +18,11 @@ async def run_emulator(config: EmulatorConfig) -> None:
     async with stop_signals() as stop:
         running = await start_functions(config)
         try:
+            if config.clock_offset:
+                log.info(
+                    "clock_offset: the emulator's clock runs %+g s from real time",
+                    config.clock_offset,
+                )
             for r in running:
                 fn = r.function
                 log.info(

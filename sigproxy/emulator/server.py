@@ -1,9 +1,12 @@
 """Local Function URLs: one aiohttp server per function, doing what Lambda does with a
-request (CORS preflight, size limit, SigV4 for AWS_IAM, event, invoke, response)."""
+request (CORS preflight, size limit, SigV4 for AWS_IAM, the resource policy, event,
+invoke, response). Every response carries a ``Date`` from the emulator's clock, so a
+client can measure its skew from a refusal as it would from the service's."""
 
 from __future__ import annotations
 
 import datetime
+import email.utils
 import json
 import logging
 import time
@@ -20,11 +23,16 @@ from .config import EmulatorConfig, FunctionConfig
 from .cors import is_preflight, preflight_headers, response_headers
 from .events import MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, MalformedResult, build_event, map_result
 from .handlers import Handler, InvocationTimeout, LambdaContext, invoke, load_handler
-from .sigv4 import MSG_MISSING, SignatureError, verify
+from .sigv4 import MSG_MISSING, Caller, Identity, SignatureError, verify
 
 log = logging.getLogger("sigproxy.emulator")
 
 _INTERNAL_ERROR = b"Internal Server Error"
+# The service's answer when the resource policy does not grant both actions.
+MSG_DENIED = (
+    "Forbidden. For troubleshooting Function URL authorization issues, see: "
+    "https://docs.aws.amazon.com/lambda/latest/dg/urls-auth.html"
+)
 
 
 class FunctionUrl:
@@ -42,13 +50,20 @@ class FunctionUrl:
         self.handler = handler
         self._callers = emulator.caller_map()
         self._arn = emulator.function_arn(function)
-        self._clock = clock or (lambda: datetime.datetime.now(datetime.UTC))
+        self._clock = clock or emulator.now
 
     def app(self) -> web.Application:
         protect_secrets()
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self.handle)
+        app.on_response_prepare.append(self._stamp_date)
         return app
+
+    async def _stamp_date(self, request: web.Request, response: web.StreamResponse) -> None:
+        # Runs for every response of this app (after aiohttp has set its Date from the
+        # real clock). Only aiohttp's 400 for bytes it cannot parse as HTTP, which never
+        # reach the app, keep aiohttp's Date.
+        response.headers["Date"] = http_date(self._clock())
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         fn = self.function
@@ -83,7 +98,7 @@ class FunctionUrl:
         raw_path, _, raw_query = request.raw_path.partition("?")
         raw_path = raw_path.partition("#")[0]
         now = self._clock()
-        iam = None
+        caller: Caller | None = None
         if fn.auth == "AWS_IAM":
             try:
                 identity = verify(
@@ -106,12 +121,24 @@ class FunctionUrl:
                     exc.detail,
                 )
                 return _forbidden(exc)
-            iam = identity.as_event()
+            caller = identity.caller
+        refused = _refused_by_policy(fn, caller)
+        if refused is not None:
+            principal, missing = refused
+            log.warning(
+                "%s: 403 for %s %s: permission check failed: %s is not allowed %s",
+                fn.name,
+                request.method,
+                raw_path,
+                principal,
+                " and ".join(missing),
+            )
+            return _access_denied()
 
         # What the Function URL front end adds on its way to the function.
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _REPLACED]
         if "X-Amzn-Trace-Id" not in request.headers:
-            headers.append(("x-amzn-trace-id", _trace_id()))
+            headers.append(("x-amzn-trace-id", _trace_id(now)))
         headers.append(("x-forwarded-for", _forwarded_for(request)))
         headers.append(("x-forwarded-port", str(_local_port(request))))
         headers.append(("x-forwarded-proto", request.scheme))
@@ -126,7 +153,7 @@ class FunctionUrl:
             url_id=fn.url_id,
             account_id=self.emulator.account_id,
             request_id=request_id,
-            iam=iam,
+            iam=Identity(caller).as_event() if caller is not None else None,
             now=now,
         )
         context = LambdaContext(
@@ -189,8 +216,26 @@ def _local_port(request: web.Request) -> int:
     return int(sockname[1]) if sockname else 0
 
 
-def _trace_id() -> str:
-    return f"Root=1-{int(time.time()):08x}-{uuid.uuid4().hex[:24]}"
+def _trace_id(now: datetime.datetime) -> str:
+    return f"Root=1-{int(now.timestamp()):08x}-{uuid.uuid4().hex[:24]}"
+
+
+def http_date(when: datetime.datetime) -> str:
+    """RFC 7231 IMF-fixdate: ``Mon, 30 Nov 2026 10:00:00 GMT``."""
+    return email.utils.format_datetime(when.astimezone(datetime.UTC), usegmt=True)
+
+
+def _refused_by_policy(
+    fn: FunctionConfig, caller: Caller | None
+) -> tuple[str, tuple[str, ...]] | None:
+    """(principal, missing actions) when ``fn.allow`` refuses the request, else None.
+    An unsigned request (AuthType NONE) is principal ``*``."""
+    if caller is None:
+        principal, principals = "*", {"*"}
+    else:
+        principal, principals = caller.user_arn, {caller.user_arn, caller.account_id, "*"}
+    missing = fn.missing_actions(principals)
+    return (principal, missing) if missing else None
 
 
 def _internal_error() -> web.Response:
@@ -218,6 +263,8 @@ def _forbidden(exc: SignatureError) -> web.Response:
         body, error_type = {"Message": exc.message}, "AccessDeniedException"
     elif exc.part in ("key", "token"):
         body, error_type = {"message": exc.message}, "UnrecognizedClientException"
+    elif exc.part == "expiry":
+        body, error_type = {"message": exc.message}, "ExpiredTokenException"
     else:
         body, error_type = {"message": exc.message}, "InvalidSignatureException"
     return web.Response(
@@ -226,6 +273,15 @@ def _forbidden(exc: SignatureError) -> web.Response:
         body=json.dumps(body, separators=(",", ":")).encode(),
         content_type="application/json",
         headers={"x-amzn-ErrorType": error_type},
+    )
+
+
+def _access_denied() -> web.Response:
+    return web.Response(
+        status=403,
+        body=json.dumps({"Message": MSG_DENIED}, separators=(",", ":")).encode(),
+        content_type="application/json",
+        headers={"x-amzn-ErrorType": "AccessDeniedException"},
     )
 
 

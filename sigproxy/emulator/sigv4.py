@@ -34,17 +34,21 @@ MSG_SIGNATURE = (
     "documentation for details."
 )
 MSG_TOKEN = "The security token included in the request is invalid."  # noqa: S105
+MSG_EXPIRED = "The security token included in the request is expired"  # sic: no period
 
 
 @dataclass(frozen=True, slots=True)
 class Caller:
-    """A known identity: its keys and who it is."""
+    """A known identity: its keys and who it is. Temporary keys (with a session token)
+    may carry ``expires_at`` (aware, UTC): from then on the service calls the token
+    expired."""
 
     access_key_id: str
     secret_access_key: str
     account_id: str
     user_arn: str
     session_token: str | None = None
+    expires_at: datetime.datetime | None = None
 
     @property
     def user_id(self) -> str:
@@ -96,7 +100,12 @@ def verify(
     service: str = "lambda",
     now: datetime.datetime | None = None,
 ) -> Identity:
-    """Return who signed the request, or raise :class:`SignatureError`."""
+    """Return who signed the request, or raise :class:`SignatureError`.
+
+    The checks run in the service's order, so that each failure gets the answer it gets
+    from Lambda: the Authorization header's form, the credential scope, the X-Amz-Date
+    window around ``now``, the access key, the session token, the token's expiry, then
+    the signature itself."""
     header_list = [(k.lower(), v) for k, v in headers]
     values: dict[str, list[str]] = {}
     for name, value in header_list:
@@ -184,6 +193,13 @@ def verify(
     elif token:
         raise SignatureError(
             MSG_TOKEN, "token", f"access key {access_key} is permanent but a session token was sent"
+        )
+    if caller.expires_at is not None and now >= caller.expires_at:
+        raise SignatureError(
+            MSG_EXPIRED,
+            "expiry",
+            f"the session token of access key {access_key} expired at "
+            f"{_fmt(caller.expires_at)} (now {_fmt(now)})",
         )
 
     signed_headers = m["signed"].split(";")
