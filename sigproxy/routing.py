@@ -122,7 +122,6 @@ class RouteTable:
         self.hosts = HostAllowList.for_config(config)
         self.admin_hosts = HostAllowList.for_config(config, any_ip=True)
         self.keys = SigningKeys()
-        self.clock = Clock()
         self.targets: dict[str, Target] = {}
         self._by_host: dict[str, list[Upstream]] = {}
         make_signer = signer_class(config.signer)
@@ -138,7 +137,8 @@ class RouteTable:
                     upstream.region,
                     upstream.service,
                     keys=self.keys,
-                    clock=self.clock,
+                    # Each upstream's own: its clock skew is learnt from its answers.
+                    clock=Clock(),
                 ),
                 origin=origin_of(upstream),
                 cors=CorsPolicy(upstream.cors) if upstream.cors is not None else None,

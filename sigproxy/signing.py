@@ -17,6 +17,7 @@ whoever builds the signers (one of each per route table).
 
 from __future__ import annotations
 
+import email.utils
 import hashlib
 import hmac
 import importlib
@@ -161,20 +162,57 @@ def _authorize(
 
 
 class Clock:
-    """``YYYYMMDDTHHMMSSZ`` for now, formatted once per second."""
+    """``YYYYMMDDTHHMMSSZ`` for now, formatted once per second, corrected by ``offset``:
+    the seconds the upstream's clock is ahead of this machine's, learnt from its answers
+    (:meth:`observe`, :meth:`measured`) as the AWS SDKs correct clock skew. SigV4 refuses
+    signatures more than 5 minutes off, so a laptop whose clock drifted keeps working."""
 
-    __slots__ = ("_second", "_text")
+    __slots__ = ("_date", "_second", "_text", "offset", "skew")
 
     def __init__(self) -> None:
         self._second = -1
         self._text = ""
+        self._date = ""
+        self.offset = 0.0
+        """Added to this machine's time when signing."""
+        self.skew: float | None = None
+        """The last offset measured (``None`` before any), corrected for or not."""
 
     def now(self) -> str:
-        second = int(time.time())
+        second = int(time.time() + self.offset)
         if second != self._second:
             self._text = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(second))
             self._second = second
         return self._text
+
+    def observe(self, date: str, local: float) -> bool:
+        """Learn the upstream's time from the ``Date`` header of an answer that arrived at
+        ``local`` (epoch seconds); parsed only when it differs from the last one seen, so
+        at most once a second. True when the signing offset changed."""
+        if date == self._date:
+            return False
+        self._date = date
+        try:
+            server = email.utils.parsedate_to_datetime(date).timestamp()
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return False
+        return self.measured(server - local)
+
+    def measured(self, skew: float) -> bool:
+        """The upstream's clock is ``skew`` seconds ahead of this machine's. Beyond
+        :data:`SKEW_TOLERANCE` from the offset in use, sign with it from now on (or with
+        none, when it is back within the tolerance). True when the offset changed."""
+        self.skew = skew
+        if abs(skew - self.offset) <= SKEW_TOLERANCE:
+            return False
+        self.offset = skew if abs(skew) > SKEW_TOLERANCE else 0.0
+        self._second = -1
+        return True
+
+
+# Date headers have whole seconds and the answer took time to arrive: differences this
+# small are noise, and well inside SigV4's five minutes.
+SKEW_TOLERANCE = 60.0
 
 
 class BaseSigner:
