@@ -39,7 +39,13 @@ def readiness(state: ServerState, table: RouteTable, now: float | None = None) -
         reasons.append("not listening yet")
     now = time.time() if now is None else now
     for name, source in table.credentials.items():
-        if source.expiry is not None and source.expiry - now < MIN_CREDENTIAL_SECONDS:
+        if source.pending:
+            why = source.last_error or "none found yet"
+            reasons.append(
+                f"upstream {name}: no AWS credentials yet ({source.description}): {why}; "
+                f"{source.next_step}"
+            )
+        elif source.expiry is not None and source.expiry - now < MIN_CREDENTIAL_SECONDS:
             left = max(0, int(source.expiry - now))
             why = f": {source.last_error}" if source.last_error else ""
             reasons.append(f"upstream {name}: credentials expire in {left}s{why}")
@@ -81,8 +87,8 @@ def _json(status: int, body: dict[str, object]) -> web.Response:
 
 
 class CredentialCollector(Collector):
-    """Credential refreshes by result and seconds until expiry, per upstream, read from
-    the current route table at scrape time."""
+    """Credential refreshes by result, seconds until expiry and the clock skew measured,
+    per upstream, read from the current route table at scrape time."""
 
     def __init__(self, table: Callable[[], RouteTable]) -> None:
         self._table = table
@@ -98,11 +104,23 @@ class CredentialCollector(Collector):
             "Seconds until the upstream's credentials expire (absent when they don't).",
             labels=["upstream"],
         )
+        skew = GaugeMetricFamily(
+            "sigproxy_clock_skew_seconds",
+            "Seconds the upstream's clock is ahead of this machine's (from its Date headers "
+            "and refusals); beyond 60 s sigproxy signs with the corrected time.",
+            labels=["upstream"],
+        )
         now = time.time()
-        for name, source in self._table().credentials.items():
+        table = self._table()
+        for name, source in table.credentials.items():
             for result, count in source.refreshes.items():
                 refreshes.add_metric([name, result], count)
             if source.expiry is not None:
                 expiry.add_metric([name], source.expiry - now)
+        for name, target in table.targets.items():
+            measured = target.signer.clock.skew
+            if target.credentials is not None and measured is not None:
+                skew.add_metric([name], measured)
         yield refreshes
         yield expiry
+        yield skew

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import gc
 import logging
 import os
@@ -115,6 +116,7 @@ async def running_proxy(
     signals: ``sigproxy demo``'s); stopped and its upstream connections closed after."""
     proxy = create_proxy(config, credentials=credentials)
     runner = make_runner(proxy, shutdown_timeout=config.grace_period)
+    proxy.start()
     try:
         await _listen(runner, config.listen.host, config.listen.port, "proxy")
         _log_listening("sigproxy", runner)
@@ -159,11 +161,14 @@ class Server:
         notifier: Notifier | None = None,
         sockets: tuple[socket.socket, socket.socket | None] | None = None,
         multiprocess_dir: str | None = None,
+        wait_for_credentials: bool = False,
     ) -> None:
         """``sockets``: listening sockets made by a supervisor (``--workers``) to serve
         on instead of binding (proxy, admin); ``multiprocess_dir``: where the workers'
-        metrics are added up."""
+        metrics are added up; ``wait_for_credentials``: a reload may lack credentials
+        too (``serve --wait-for-credentials``)."""
         self.config = config
+        self._wait = wait_for_credentials
         self._sock: socket.socket | None = sockets[0] if sockets else None
         self._admin_sock: socket.socket | None = sockets[1] if sockets else None
         self._load = load
@@ -188,6 +193,7 @@ class Server:
         gc.collect()
         gc.freeze()
         raise_open_files_limit()
+        self.proxy.start()
         await _listen(self._runner, config.listen.host, config.listen.port, "proxy", self._sock)
         if config.admin is not None:
             self._admin = make_admin_runner(self.proxy, self.state)
@@ -223,7 +229,13 @@ class Server:
                 # socket that stays open.
                 check_exposure(dataclasses.replace(config, listen=self.config.listen))
                 store = await asyncio.get_running_loop().run_in_executor(
-                    None, CredentialStore.resolve, config, self.proxy.table.credentials
+                    None,
+                    functools.partial(
+                        CredentialStore.resolve,
+                        config,
+                        self.proxy.table.credentials,
+                        wait=self._wait,
+                    ),
                 )
                 table = RouteTable(config, store)
             except (ConfigError, CredentialsError) as exc:
@@ -300,6 +312,7 @@ async def serve(
     notifier: Notifier | None = None,
     on_ready: Callable[[], None] | None = None,
     multiprocess_dir: str | None = None,
+    wait_for_credentials: bool = False,
 ) -> None:
     """Serve until SIGTERM or SIGINT, reloading ``load()`` on SIGHUP."""
     server = Server(
@@ -309,6 +322,7 @@ async def serve(
         sockets=sockets,
         notifier=notifier,
         multiprocess_dir=multiprocess_dir,
+        wait_for_credentials=wait_for_credentials,
     )
     server.on_ready = on_ready
     await server.run(parent=os.getppid() if sockets is not None else None)

@@ -1,14 +1,27 @@
-"""AWS credentials per upstream: resolved at startup with botocore, refreshed off the loop.
+"""AWS credentials per upstream: resolved with botocore, refreshed off the loop, and
+following their source through a working day.
 
 botocore does the work of finding credentials (environment, shared files and profiles,
-SSO, ``credential_process``, container and EKS Pod Identity endpoints, web identity /
-IRSA, IMDS) and of assuming roles. What botocore does not do is stay off an event loop:
-its refresh happens inside ``get_frozen_credentials()`` and blocks. So a
-:class:`CredentialSource` keeps the last frozen credentials it fetched, serves them from
-the loop without I/O, and runs botocore's refresh in a worker thread, one at a time per
-source, when botocore says a refresh is due. A failed refresh keeps the old credentials
-in use while they are still valid; when nothing valid is left, requests get
-:class:`~sigproxy.errors.CredentialsUnavailable` (503).
+SSO, ``aws login``, ``credential_process``, container and EKS Pod Identity endpoints,
+web identity / IRSA, IMDS) and of assuming roles. What botocore does not do is stay off
+an event loop, or notice that a file it read once has changed. So a
+:class:`CredentialSource`:
+
+* keeps the last frozen credentials it fetched and serves them from the loop without
+  I/O; botocore's refresh before expiry runs in a worker thread, one at a time;
+* is polled every couple of seconds (:meth:`CredentialStore.poll`): a cheap ``stat`` of
+  the shared credentials and config files and the SSO and login caches, off the loop,
+  and the whole chain resolved again when one changed: a key pasted into
+  ``~/.aws/credentials`` or an ``aws sso login`` is used within seconds, and the old
+  credentials only until the new ones are loaded;
+* resolves again once, single-flight, when the upstream refused credentials it signed
+  with (:meth:`CredentialSource.renew`), so the refused request can be sent again;
+* with ``serve --wait-for-credentials``, starts without any and tries again until some
+  appear.
+
+A failed refresh keeps the old credentials in use while they are still valid; when
+nothing valid is left, requests get :class:`~sigproxy.errors.CredentialsUnavailable`
+(503) with the next step.
 """
 
 from __future__ import annotations
@@ -18,7 +31,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 import botocore.session
@@ -58,27 +71,116 @@ def _expiry_epoch(credentials: Credentials) -> float | None:
     return expiry.timestamp() if expiry is not None else None
 
 
+# How often the watched files are looked at, and how soon after a refusal the source may
+# be resolved again (a steady stream of refusals must not become a stream of STS calls).
+POLL_INTERVAL = 2.0
+RENEW_INTERVAL = 5.0
+# Credentials that can't be refreshed get a WARNING this long before they expire.
+EXPIRY_WARNING = 10 * 60.0
+
+Stamp = tuple[tuple[str, int, int, int] | None, ...]
+
+
+def aws_files() -> tuple[str, ...]:
+    """What a change of means new credentials may be there: the shared credentials and
+    config files, and the caches ``aws sso login`` and ``aws login`` write."""
+    home = os.path.expanduser("~/.aws")
+    return (
+        os.path.expanduser(
+            os.environ.get("AWS_SHARED_CREDENTIALS_FILE", os.path.join(home, "credentials"))
+        ),
+        os.path.expanduser(os.environ.get("AWS_CONFIG_FILE", os.path.join(home, "config"))),
+        os.path.join(home, "sso", "cache"),
+        os.path.join(home, "login", "cache"),
+    )
+
+
+def stamp(paths: Sequence[str]) -> Stamp:
+    """(inode, mtime, size) of each path, ``None`` for those missing: blocking, cheap."""
+    out: list[tuple[str, int, int, int] | None] = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            out.append(None)
+        else:
+            out.append((path, st.st_ino, st.st_mtime_ns, st.st_size))
+    return tuple(out)
+
+
+def next_step(method: str, profile: str | None) -> str:
+    """What the user does to give a source of this kind (botocore's ``method``) new
+    credentials."""
+    name = profile or os.environ.get("AWS_PROFILE") or "default"
+    steps = {
+        "sso": f"run: aws sso login --profile {name}",
+        "login": f"run: aws login --profile {name}",
+        "env": "restart sigproxy with new AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
+        "(and AWS_SESSION_TOKEN) in its environment, or put keys in the credentials file",
+        "shared-credentials-file": f"write new keys for [{name}] into "
+        f"{aws_files()[0]} (aws configure --profile {name}); sigproxy reads them within "
+        "seconds",
+        "config-file": f"write new keys for profile {name} into {aws_files()[1]}; "
+        "sigproxy reads them within seconds",
+        "custom-process": f"check that the credential_process of profile {name} works "
+        "when run by hand",
+        "assume-role": "check that the source credentials are valid and may assume the role",
+        "assume-role-with-web-identity": "check AWS_WEB_IDENTITY_TOKEN_FILE and the role's "
+        "trust policy",
+        "container-role": "check the container credentials endpoint "
+        "(AWS_CONTAINER_CREDENTIALS_FULL_URI / _RELATIVE_URI)",
+        "iam-role": "check the instance profile and that IMDS is reachable",
+    }
+    return steps.get(
+        method,
+        f"run aws configure --profile {name}, aws sso login --profile {name}, or set "
+        "AWS_PROFILE to a profile that has credentials",
+    )
+
+
+def _check_keys(frozen: ReadOnlyCredentials) -> None:
+    if not frozen.access_key or not frozen.secret_key:
+        raise CredentialsError("the credentials found have no access key or secret key")
+
+
 class CredentialSource:
-    """One set of credentials (one :class:`CredentialsSpec`), shared by its upstreams."""
+    """One set of credentials (one :class:`CredentialsSpec`), shared by its upstreams.
+
+    ``resolve`` finds the credentials again from scratch and fetches them (botocore's
+    chain, blocking);
+    ``watch`` lists the files whose change means it should. Without ``resolve`` (fixed
+    credentials, tests) only botocore's own refresh applies.
+    """
 
     def __init__(
         self,
-        credentials: Credentials,
+        credentials: Credentials | None,
         description: str,
         *,
+        resolve: Callable[[], tuple[Credentials, ReadOnlyCredentials]] | None = None,
+        watch: Sequence[str] = (),
+        profile: str | None = None,
         min_validity: float = 30.0,
-        retry_interval: float = 10.0,
+        retry_interval: float = 5.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._credentials = credentials
         self.description = description
+        self._resolve = resolve
+        self._watch = tuple(watch)
+        self._profile = profile
         self._min_validity = min_validity
         self._retry_interval = retry_interval
         self._clock = clock
         self._frozen: ReadOnlyCredentials | None = None
         self._expiry: float | None = None
+        self._stamp: Stamp | None = None
         self._refresh: asyncio.Task[None] | None = None
         self._next_attempt = 0.0
+        self._renewed_at = -RENEW_INTERVAL
+        self._warned_expiry: float | None = None
+        self.changed_at: float | None = None
+        """Monotonic time the credentials in use last changed to different ones."""
         self.last_error: str | None = None
         self.refreshes: dict[str, int] = {"success": 0, "failure": 0}
 
@@ -99,15 +201,53 @@ class CredentialSource:
         """Epoch seconds at which the credentials in use expire; ``None`` if they don't."""
         return self._expiry
 
-    def load(self) -> None:
-        """Fetch credentials now, blocking. Used once at startup, before listening."""
-        self._frozen, self._expiry = self._fetch()
+    @property
+    def pending(self) -> bool:
+        """No credentials were ever loaded (``serve --wait-for-credentials``)."""
+        return self._frozen is None
 
-    def _fetch(self) -> tuple[ReadOnlyCredentials, float | None]:
-        frozen = self._credentials.get_frozen_credentials()
-        if not frozen.access_key or not frozen.secret_key:
-            raise CredentialsError("the credentials found have no access key or secret key")
-        return frozen, _expiry_epoch(self._credentials)
+    @property
+    def next_step(self) -> str:
+        return next_step(self.method, self._profile)
+
+    def load(self) -> None:
+        """Fetch credentials now, blocking. Used once at startup, before listening.
+        Raises :class:`CredentialsError` saying why there are none."""
+        self._install(*self._load())
+
+    def _load(self) -> tuple[Credentials, ReadOnlyCredentials, float | None, Stamp | None]:
+        """Resolve (when this source can) and fetch, blocking: run it off the loop."""
+        before = stamp(self._watch) if self._watch else None
+        if self._resolve is not None:
+            credentials, frozen = self._resolve()
+            _check_keys(frozen)
+            return credentials, frozen, _expiry_epoch(credentials), before
+        if self._credentials is None:
+            raise CredentialsError("none found")
+        frozen, expiry = self._fetch(self._credentials)
+        return self._credentials, frozen, expiry, before
+
+    def _install(
+        self,
+        credentials: Credentials,
+        frozen: ReadOnlyCredentials,
+        expiry: float | None,
+        seen: Stamp | None,
+    ) -> bool:
+        """Use these from now on; True when they differ from those in use."""
+        changed = self._frozen is not None and frozen != self._frozen
+        self._credentials, self._frozen, self._expiry = credentials, frozen, expiry
+        if seen is not None:
+            self._stamp = seen
+        if changed:
+            self.changed_at = time.monotonic()
+        return changed
+
+    @staticmethod
+    def _fetch(credentials: Credentials) -> tuple[ReadOnlyCredentials, float | None]:
+        frozen = credentials.get_frozen_credentials()
+        _check_keys(frozen)
+        return frozen, _expiry_epoch(credentials)
 
     def _usable(self, now: float) -> bool:
         if self._frozen is None:
@@ -119,61 +259,133 @@ class CredentialSource:
         frozen = self._frozen
         if frozen is not None and self._expiry is None:
             return frozen
+        if frozen is None:
+            raise self._unavailable()
         now = self._clock()
         if now >= self._next_attempt and self._refresh_due():
-            self._start_refresh()
+            self._start(self._run_refresh())
         if self._usable(now):
-            assert self._frozen is not None
-            return self._frozen
+            return frozen
         if self._refresh is None and now >= self._next_attempt:
-            self._start_refresh()
+            self._start(self._run_refresh())
         if self._refresh is not None:
             await asyncio.shield(self._refresh)
         if self._usable(self._clock()):
             assert self._frozen is not None
             return self._frozen
+        raise self._unavailable()
+
+    def _unavailable(self) -> CredentialsUnavailable:
+        if self._frozen is None:
+            reason = self.last_error or "none found yet"
+            return CredentialsUnavailable(
+                f"no AWS credentials yet ({self.description}): {reason}; {self.next_step}",
+            )
         reason = self.last_error or "the credentials have expired"
-        raise CredentialsUnavailable(
-            f"no valid AWS credentials ({self.description}): {reason}",
+        return CredentialsUnavailable(
+            f"no valid AWS credentials ({self.description}): {reason}; {self.next_step}",
+        )
+
+    async def renew(self, used: object) -> ReadOnlyCredentials | None:
+        """The upstream refused ``used``: resolve from the source again (at most once
+        every few seconds, one at a time) and return the credentials to sign with
+        instead, or ``None`` when the source has nothing different."""
+        if self._frozen is not None and self._frozen != used:
+            return self._frozen  # already replaced since that request was signed
+        if self._refresh is not None:
+            await asyncio.shield(self._refresh)
+        elif time.monotonic() - self._renewed_at >= RENEW_INTERVAL:
+            self._renewed_at = time.monotonic()
+            await asyncio.shield(self._start(self._run_reload("the upstream refused them")))
+        frozen = self._frozen
+        return frozen if frozen is not None and frozen != used else None
+
+    async def poll(self) -> None:
+        """Called every few seconds: resolve again when a watched file changed or while
+        there are none; refresh before expiry; warn of an expiry nothing can prevent."""
+        if self._refresh is not None:
+            return
+        now = self._clock()
+        if self._resolve is not None:
+            changed = False
+            if self._watch:
+                seen = await asyncio.get_running_loop().run_in_executor(None, stamp, self._watch)
+                changed = seen != self._stamp
+            if changed or (self._frozen is None and now >= self._next_attempt):
+                why = "a credentials file changed" if changed else "retrying"
+                await asyncio.shield(self._start(self._run_reload(why)))
+                return
+        if self._expiry is not None and now >= self._next_attempt and self._refresh_due():
+            await asyncio.shield(self._start(self._run_refresh()))
+        self._warn_expiry(self._clock())
+
+    def _warn_expiry(self, now: float) -> None:
+        expiry = self._expiry
+        if expiry is None or expiry - now > EXPIRY_WARNING or self.last_error is None:
+            return
+        if self._warned_expiry == expiry:
+            return
+        self._warned_expiry = expiry
+        at = time.strftime("%H:%M:%SZ", time.gmtime(expiry))
+        log.warning(
+            "credentials for %s (%s) expire at %s (in %d min) and cannot be refreshed: %s; %s",
+            self.description,
+            self.method,
+            at,
+            max(0, int((expiry - now) // 60)),
+            self.last_error,
+            self.next_step,
         )
 
     def _refresh_due(self) -> bool:
         needed = getattr(self._credentials, "refresh_needed", None)
         return bool(needed()) if needed is not None else False
 
-    def _start_refresh(self) -> None:
+    def _start(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         if self._refresh is None:
-            self._refresh = asyncio.get_running_loop().create_task(self._run_refresh())
+            self._refresh = asyncio.get_running_loop().create_task(work)
+        else:
+            work.close()
+        return self._refresh
 
-    async def _run_refresh(self) -> None:
+    async def _run_reload(self, why: str) -> None:
+        """Resolve from the source again, off the loop; keep what we have on failure."""
         loop = asyncio.get_running_loop()
         try:
-            frozen, expiry = await loop.run_in_executor(None, self._fetch)
+            loaded = await loop.run_in_executor(None, self._load)
         except Exception as exc:  # any provider failure: keep what we have
-            self.last_error = _describe_error(exc)
-            self.refreshes["failure"] += 1
+            self._failed(exc)
+        else:
+            first = self._frozen is None
+            if self._install(*loaded) or first:
+                log.warning(
+                    "credentials for %s %s (%s): signing with them from now on",
+                    self.description,
+                    "found" if first else "changed",
+                    why,
+                )
+            self.last_error = None
+            self.refreshes["success"] += 1
             self._next_attempt = self._clock() + self._retry_interval
-            still = "still valid" if self._usable(self._clock()) else "none valid left"
-            log.warning(
-                "credential refresh failed for %s (%s): %s",
-                self.description,
-                still,
-                self.last_error,
-            )
+        finally:
+            self._refresh = None
+
+    async def _run_refresh(self) -> None:
+        """botocore's refresh of the credentials in use, off the loop."""
+        loop = asyncio.get_running_loop()
+        credentials = self._credentials
+        assert credentials is not None
+        try:
+            frozen, expiry = await loop.run_in_executor(None, self._fetch, credentials)
+        except Exception as exc:  # any provider failure: keep what we have
+            self._failed(exc)
         else:
             unchanged = frozen == self._frozen
-            self._frozen, self._expiry = frozen, expiry
+            self._install(credentials, frozen, expiry, None)
             if unchanged and self._refresh_due():
                 # Inside its advisory window botocore logs a failed refresh and hands back
                 # the old credentials instead of raising.
-                self.last_error = "the provider gave no new credentials (see botocore's warning)"
-                self.refreshes["failure"] += 1
-                log.warning(
-                    "credential refresh failed for %s (%s): %s",
-                    self.description,
-                    "still valid" if self._usable(self._clock()) else "none valid left",
-                    self.last_error,
-                )
+                self._failed(None)
             else:
                 log.info("credentials refreshed for %s", self.description)
                 self.last_error = None
@@ -183,6 +395,35 @@ class CredentialSource:
             self._next_attempt = self._clock() + self._retry_interval
         finally:
             self._refresh = None
+
+    def _failed(self, exc: BaseException | None) -> None:
+        previous = self.last_error
+        if exc is None:
+            self.last_error = "the provider gave no new credentials (see botocore's warning)"
+        elif isinstance(exc, CredentialsError):
+            self.last_error = str(exc)
+        else:
+            self.last_error = _describe_error(exc)
+        self.refreshes["failure"] += 1
+        self._next_attempt = self._clock() + self._retry_interval
+        if self._frozen is None:
+            state = "none yet"
+        else:
+            state = "still valid" if self._usable(self._clock()) else "none valid left"
+        # Waiting for credentials retries every few seconds: say it again only when the
+        # reason changes.
+        level = (
+            logging.DEBUG
+            if self._frozen is None and previous == self.last_error
+            else logging.WARNING
+        )
+        log.log(
+            level,
+            "credential refresh failed for %s (%s): %s",
+            self.description,
+            state,
+            self.last_error,
+        )
 
 
 def _describe_error(exc: BaseException, spec: CredentialsSpec | None = None) -> str:
@@ -240,14 +481,23 @@ class CredentialStore:
     def items(self) -> list[tuple[str, CredentialSource]]:
         return list(self._sources.items())
 
+    async def poll(self) -> None:
+        """One round of :meth:`CredentialSource.poll` over the distinct sources."""
+        for source in {id(s): s for s in self._sources.values()}.values():
+            await source.poll()
+
     @classmethod
-    def resolve(cls, config: Config, previous: CredentialStore | None = None) -> CredentialStore:
+    def resolve(
+        cls, config: Config, previous: CredentialStore | None = None, *, wait: bool = False
+    ) -> CredentialStore:
         """Find credentials for every ``aws_iam`` upstream now (blocking: run it before
         serving, or off the loop on reload).
 
         Upstreams with the same ``credentials`` settings share one source, and on a reload
         a source whose settings are unchanged is kept (with its refresh state).
-        Raises :class:`CredentialsError` naming the upstream when any are missing.
+        Raises :class:`CredentialsError` naming the upstream when any are missing, unless
+        ``wait``: then that source starts empty (:attr:`CredentialSource.pending`) and
+        keeps looking.
         """
         by_spec: dict[CredentialsSpec, CredentialSource] = {}
         sources: dict[str, CredentialSource] = {}
@@ -257,13 +507,24 @@ class CredentialStore:
                 continue
             source = by_spec.get(upstream.credentials) or kept.get(upstream.credentials)
             if source is None:
+                source = _source(upstream.credentials, upstream.region)
                 try:
-                    source = _resolve_spec(upstream.credentials, upstream.region)
+                    source.load()
                 except CredentialsError as exc:
-                    raise CredentialsError(
-                        f"upstreams[{i}] ({upstream.name}): no usable AWS credentials from "
-                        f"{upstream.credentials.describe()}: {exc}"
-                    ) from None
+                    if not wait:
+                        raise CredentialsError(
+                            f"upstreams[{i}] ({upstream.name}): no usable AWS credentials "
+                            f"from {upstream.credentials.describe()}: {exc}"
+                        ) from None
+                    source.last_error = str(exc)
+                    log.warning(
+                        "upstream %s: no AWS credentials yet from %s (%s); answering 503 "
+                        "until they appear: %s",
+                        upstream.name,
+                        upstream.credentials.describe(),
+                        exc,
+                        source.next_step,
+                    )
             by_spec[upstream.credentials] = source
             sources[upstream.name] = source
         return cls(sources, by_spec)
@@ -274,7 +535,20 @@ class CredentialStore:
         return cls({u.name: source for u in config.upstreams if u.auth == "aws_iam"})
 
 
-def _resolve_spec(spec: CredentialsSpec, region: str) -> CredentialSource:
+def _source(spec: CredentialsSpec, region: str) -> CredentialSource:
+    """A source that resolves ``spec`` with botocore each time it loads."""
+    return CredentialSource(
+        None,
+        spec.describe(),
+        resolve=functools.partial(_chain, spec, region),
+        watch=aws_files(),
+        profile=spec.profile,
+    )
+
+
+def _chain(spec: CredentialsSpec, region: str) -> tuple[Credentials, ReadOnlyCredentials]:
+    """botocore's credential chain for ``spec`` (and the role on top), from scratch:
+    a new session reads the files and caches again. Blocking."""
     try:
         session = botocore.session.Session(profile=spec.profile)
         credentials = session.get_credentials()
@@ -286,8 +560,8 @@ def _resolve_spec(spec: CredentialsSpec, region: str) -> CredentialSource:
             )
         if spec.role_arn:
             credentials = _assume_role(session, credentials, spec, region)
-        source = CredentialSource(credentials, spec.describe())
-        source.load()
+        # Fetched here, so a provider's failure is told with the next step.
+        frozen = credentials.get_frozen_credentials()
     except (CredentialsError, BotoCoreError, ClientError) as exc:
         text = str(exc) if isinstance(exc, CredentialsError) else _describe_error(exc, spec)
         unreadable = _unreadable_aws_files()
@@ -297,7 +571,7 @@ def _resolve_spec(spec: CredentialsSpec, region: str) -> CredentialSource:
                 f"uid {os.getuid()}: make the file readable to it)"
             )
         raise CredentialsError(text) from None
-    return source
+    return credentials, frozen
 
 
 def _assume_role(

@@ -105,6 +105,14 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.upstream_auth_failures = Counter(
+            "sigproxy_upstream_auth_failures",
+            "Upstream refusals of a request sigproxy sent (401/403 with an x-amzn-ErrorType), "
+            "by upstream and diagnosis (invalid-signature, signature-expired, "
+            "unrecognized-client, expired-token, access-denied, not-signed).",
+            ["upstream", "reason"],
+            registry=r,
+        )
         self.signing_duration = Histogram(
             "sigproxy_signing_duration_seconds",
             "Time spent computing SigV4 signatures.",

@@ -26,6 +26,10 @@ from aiohttp.http_exceptions import HttpProcessingError
 from .canonical import split_target
 from .config import Config
 from .cors import CorsPolicy
+from .credentials import POLL_INTERVAL
+from .diagnosis import HEADER as DIAGNOSIS_HEADER
+from .diagnosis import MAX_BODY as REFUSAL_BODY
+from .diagnosis import SIGNATURE_EXPIRED, Refusal, classify, explain
 from .errors import (
     BadRequest,
     BodyTooLarge,
@@ -52,7 +56,7 @@ from .inbound import (
 from .logs import printable
 from .metrics import NO_UPSTREAM, Metrics
 from .routing import Route, RouteTable, Target
-from .signing import EMPTY_SHA256
+from .signing import EMPTY_SHA256, Credentials
 from .upstream import UpstreamClient, UpstreamError, UpstreamResponse
 
 log = logging.getLogger("sigproxy.proxy")
@@ -79,6 +83,15 @@ class _Outcome:
     cors: CorsPolicy | None = None
 
 
+@dataclass(slots=True)
+class _Refused:
+    """An upstream refusal (see :mod:`sigproxy.diagnosis`) and its body, when it was read
+    to classify it (then it is relayed from here)."""
+
+    refusal: Refusal
+    body: bytes | None
+
+
 class Proxy:
     """Owns the current route table, the upstream client, the request body memory budget
     and the per-request work."""
@@ -91,16 +104,42 @@ class Proxy:
         self.client = client if client is not None else UpstreamClient()
         self.bodies = MemoryBudget(table.config.limits.body_memory_bytes)
         self._warned: dict[tuple[str, str], float] = {}
+        self._poller: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start following the credentials' sources (files, logins, expiry) in the
+        background; :meth:`close` stops it."""
+        if self._poller is None:
+            self._poller = asyncio.get_running_loop().create_task(self._poll_credentials())
+
+    async def _poll_credentials(self) -> None:
+        while True:
+            await asyncio.sleep(POLL_INTERVAL)
+            try:
+                await self.table.credentials.poll()
+            except Exception:  # a bug here must not end the polling for good
+                log.exception("credential polling failed")
 
     def swap(self, table: RouteTable) -> None:
         """Serve new requests from ``table``; requests in flight finish on the old one.
-        Pools of upstreams the new table no longer has are closed."""
+        Pools of upstreams the new table no longer has are closed; the clock skew learnt
+        from an upstream is kept."""
+        for name, target in table.targets.items():
+            old = self.table.targets.get(name)
+            if old is not None and old.origin == target.origin:
+                target.signer.clock.offset = old.signer.clock.offset
+                target.signer.clock.skew = old.signer.clock.skew
         self.table = table
         self.bodies.capacity = table.config.limits.body_memory_bytes
         self.client.retain(t.origin for t in table.targets.values())
 
     async def close(self) -> None:
         """Close the upstream connections (after the listener has stopped)."""
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+            self._poller = None
         await self.client.close()
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -157,17 +196,14 @@ class Proxy:
         try:
             outcome.received = len(body)
             headers = self._headers(request, target, config, request_id)
-            await self._sign(request.method, route, body, headers)
-            t0 = time.perf_counter()
-            up = await self._send(route, request.method, headers, body)
-            outcome.upstream_time = time.perf_counter() - t0
+            up, refused = await self._exchange(request.method, route, headers, body, outcome)
         finally:
             # The body has gone upstream: its memory is free for others while the
             # answer streams back, which may take minutes.
             self.bodies.release(held)
             del body
         try:
-            return await self._relay(request, target, up, request_id, outcome)
+            return await self._relay(request, target, up, request_id, outcome, refused)
         finally:
             up.release()
 
@@ -274,17 +310,155 @@ class Proxy:
             token_header=config.inbound_auth.header if config.inbound_auth else None,
         )
 
+    async def _exchange(
+        self,
+        method: str,
+        route: Route,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        outcome: _Outcome,
+    ) -> tuple[UpstreamResponse, _Refused | None]:
+        """Sign, send, and read a refusal. A refusal that credentials from the source
+        or a corrected clock can cure is sent once more, signed afresh: the service
+        refused it before running the function, so this is safe for every method."""
+        target = route.target
+        digest = hashlib.sha256(body).hexdigest() if body else EMPTY_SHA256
+        unsigned = len(headers)
+        offset = target.signer.clock.offset
+        used = await self._sign(method, route, digest, headers)
+        up = await self._attempt(route, method, headers, body, outcome)
+        try:
+            refused = await self._refusal(target, up, used is not None)
+            if (
+                refused is None
+                or used is None
+                or not await self._cure(target, refused.refusal, used, offset)
+            ):
+                return up, refused
+        except BaseException:
+            up.release()
+            raise
+        up.release()
+        del headers[unsigned:]
+        await self._sign(method, route, digest, headers)
+        up = await self._attempt(route, method, headers, body, outcome)
+        try:
+            return up, await self._refusal(target, up, True)
+        except BaseException:
+            up.release()
+            raise
+
     async def _sign(
-        self, method: str, route: Route, body: bytes, headers: list[tuple[str, str]]
-    ) -> None:
+        self, method: str, route: Route, digest: str, headers: list[tuple[str, str]]
+    ) -> Credentials | None:
+        """Add the SigV4 headers; returns the credentials signed with (``None`` for an
+        ``auth: none`` upstream)."""
         target = route.target
         if target.credentials is None:
-            return  # auth: none
+            return None
         creds = await target.credentials.get()
         t0 = time.perf_counter()
-        digest = hashlib.sha256(body).hexdigest() if body else EMPTY_SHA256
         headers.extend(target.signer.sign(method, route.outgoing, digest, creds))
         self.metrics.signing_duration.observe(time.perf_counter() - t0)
+        return creds
+
+    async def _attempt(
+        self,
+        route: Route,
+        method: str,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        outcome: _Outcome,
+    ) -> UpstreamResponse:
+        t0 = time.perf_counter()
+        up = await self._send(route, method, headers, body)
+        outcome.upstream_time = time.perf_counter() - t0
+        target = route.target
+        date = up.headers.get("Date")
+        if date is not None and target.credentials is not None:
+            clock = target.signer.clock
+            if clock.observe(date, time.time()):
+                self._skewed(target, "its Date header")
+        return up
+
+    async def _refusal(self, target: Target, up: UpstreamResponse, signed: bool) -> _Refused | None:
+        """The upstream's refusal (counted and logged), or ``None`` for any other answer.
+        A refusal's body is read here when it is small (the service's are), to tell
+        the causes apart; a large one is left to stream."""
+        if up.status not in (401, 403) or "x-amzn-ErrorType" not in up.headers:
+            return None
+        body: bytes | None = None
+        length = up.content_length
+        if up.complete or (length is not None and length <= REFUSAL_BODY):
+            try:
+                body = await up.read()
+            except UpstreamError as exc:
+                name = target.upstream.name
+                self._warn(name, str(exc), f"upstream {name}: {exc} ({exc.kind})")
+                raise upstream_failure(exc.kind, str(exc), name) from exc
+        refusal = classify(up.status, up.headers["x-amzn-ErrorType"], body or b"", signed=signed)
+        if refusal is None:
+            return None if body is None else _Refused(_NOT_A_REFUSAL, body)
+        name = target.upstream.name
+        self.metrics.upstream_auth_failures.labels(name, refusal.diagnosis).inc()
+        self._warn(
+            name,
+            refusal.diagnosis,
+            explain(
+                refusal,
+                upstream=name,
+                credentials=_describe(target),
+                url=target.upstream.url,
+            ),
+        )
+        return _Refused(refusal, body)
+
+    async def _cure(
+        self, target: Target, refusal: Refusal, used: Credentials, offset: float
+    ) -> bool:
+        """Whether the refused request is worth sending again: the clock correction
+        changed since it was signed (with ``offset``), or the source has credentials
+        other than those refused (``used``)."""
+        if refusal.diagnosis == SIGNATURE_EXPIRED:
+            clock = target.signer.clock
+            if refusal.server_time is not None and clock.measured(
+                refusal.server_time - time.time()
+            ):
+                self._skewed(target, "a refused signature")
+            return clock.offset != offset
+        if not refusal.credentials_problem or target.credentials is None:
+            return False
+        if await target.credentials.renew(used) is None:
+            return False
+        log.info(
+            "upstream %s refused credentials from %s (%s): sending it again with the "
+            "ones the source has now",
+            target.upstream.name,
+            target.credentials.description,
+            refusal.diagnosis,
+        )
+        return True
+
+    def _skewed(self, target: Target, seen_in: str) -> None:
+        clock = target.signer.clock
+        assert clock.skew is not None
+        if clock.offset:
+            log.warning(
+                "upstream %s: this machine's clock is %+.0f s off the upstream's (from %s); "
+                "signing with the corrected time. Set the clock (NTP): SigV4 refuses "
+                "signatures more than 5 minutes off",
+                target.upstream.name,
+                -clock.skew,
+                seen_in,
+            )
+        else:
+            log.warning(
+                "upstream %s: the clock skew is gone (%+.0f s, from %s); signing with "
+                "this machine's time again",
+                target.upstream.name,
+                -clock.skew,
+                seen_in,
+            )
 
     async def _send(
         self, route: Route, method: str, headers: list[tuple[str, str]], body: bytes
@@ -302,20 +476,20 @@ class Proxy:
                 read_timeout=upstream.timeout.read,
             )
         except UpstreamError as exc:
-            self._warn_once(upstream.name, exc)
+            self._warn(upstream.name, str(exc), f"upstream {upstream.name}: {exc} ({exc.kind})")
             raise upstream_failure(exc.kind, str(exc), upstream.name) from exc
 
-    def _warn_once(self, upstream: str, exc: UpstreamError) -> None:
-        """The cause of an upstream failure at WARNING, once a minute per upstream and
-        cause: a dead upstream under load must not write a line per request."""
+    def _warn(self, upstream: str, cause: str, line: str) -> None:
+        """``line`` at WARNING, once a minute per upstream and cause: a failing upstream
+        under load must not write a line per request."""
         now = time.monotonic()
-        key = (upstream, str(exc))
+        key = (upstream, cause)
         if now - self._warned.get(key, -_WARN_EVERY) < _WARN_EVERY:
             return
         if len(self._warned) > 1000:  # causes carry addresses: stay bounded
             self._warned.clear()
         self._warned[key] = now
-        log.warning("upstream %s: %s (%s)", upstream, exc, exc.kind)
+        log.warning("%s", line)
 
     async def _relay(
         self,
@@ -324,12 +498,16 @@ class Proxy:
         up: UpstreamResponse,
         request_id: str,
         outcome: _Outcome,
+        refused: _Refused | None = None,
     ) -> web.StreamResponse:
         """Send the upstream's answer to the client: at once when it is whole in memory,
-        else streamed as it arrives."""
+        else streamed as it arrives. A refusal gets ``X-Sigproxy-Diagnosis``."""
         length = up.content_length
         sized = length is not None and "Transfer-Encoding" not in up.headers
-        whole = sized and request.method != "HEAD" and up.status not in (204, 304) and up.complete
+        read = refused.body if refused is not None and request.method != "HEAD" else None
+        whole = read is not None or (
+            sized and request.method != "HEAD" and up.status not in (204, 304) and up.complete
+        )
         # The upstream's reason phrase is not passed on: the status says it all, and a
         # phrase with control bytes would not survive the trip. A body that came with the
         # head goes out with the headers in one write, where streaming costs one each.
@@ -344,10 +522,12 @@ class Proxy:
             for name, value in target.cors.response_headers(request.headers.get("Origin")):
                 response.headers.add(name, value)
         response.headers["X-Request-Id"] = request_id
+        if refused is not None and refused.refusal is not _NOT_A_REFUSAL:
+            response.headers[DIAGNOSIS_HEADER] = refused.refusal.diagnosis
         outcome.status = CLIENT_GONE
         if whole:
             assert isinstance(response, web.Response)
-            response.body = up.read_buffered()
+            response.body = read if read is not None else up.read_buffered()
             try:
                 await response.prepare(request)
                 await response.write_eof()
@@ -560,3 +740,13 @@ async def _refuse_rest_of_body(request: web.BaseRequest, resp: web.StreamRespons
     protocol = request.protocol
     if protocol is not None:
         protocol.force_close()
+
+
+# A 401/403 with an error type that is not a refusal sigproxy knows: its body may have
+# been read, and is relayed as it is.
+_NOT_A_REFUSAL = Refusal("", "", "")
+
+
+def _describe(target: Target) -> str:
+    source = target.credentials
+    return "-" if source is None else f"{source.description} ({source.method})"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import functools
 import hashlib
 import json
 import threading
@@ -294,3 +295,128 @@ async def test_nothing_valid_left_is_503(
         "X-Amz-Security-Token",
     ).startswith("refresh-token-")  # type: ignore[union-attr]
     assert rec.header("X-Amz-Content-SHA256") == hashlib.sha256(b"").hexdigest()
+
+
+# --- following the source: renew after a refusal, waiting, expiry warnings ------------
+
+
+class Rotating:
+    """A resolve function for a CredentialSource: hands out ``keys`` (changed by the test)
+    and counts its calls and threads."""
+
+    def __init__(self) -> None:
+        self.keys: tuple[str, str] | None = ("AKIDROTATING00000001", "rotating-secret-1")
+        self.calls = 0
+        self.threads: set[str] = set()
+
+    def __call__(self) -> tuple[Any, Any]:
+        from botocore.credentials import Credentials
+
+        self.calls += 1
+        self.threads.add(threading.current_thread().name)
+        if self.keys is None:
+            raise CredentialsError("none found (write some)")
+        creds = Credentials(*self.keys, method="shared-credentials-file")
+        return creds, creds.get_frozen_credentials()
+
+
+async def test_renew_is_single_flight_rate_limited_and_off_loop() -> None:
+    rotating = Rotating()
+    source = CredentialSource(None, "rotating", resolve=rotating)
+    await asyncio.get_running_loop().run_in_executor(None, source.load)
+    used = await source.get()
+    assert rotating.calls == 1
+    # Nothing new in the source: no retry.
+    assert await source.renew(used) is None
+    assert rotating.calls == 2
+    # A storm of refusals right after: no further look at the source for a few seconds.
+    rotating.keys = ("AKIDROTATING00000002", "rotating-secret-2")
+    assert await asyncio.gather(*(source.renew(used) for _ in range(20))) == [None] * 20
+    assert rotating.calls == 2
+    assert threading.main_thread().name not in rotating.threads
+    assert source.changed_at is None
+
+
+async def test_renew_returns_the_new_credentials_once_loaded() -> None:
+    rotating = Rotating()
+    source = CredentialSource(None, "rotating", resolve=rotating)
+    source.load()
+    used = await source.get()
+    rotating.keys = ("AKIDROTATING00000002", "rotating-secret-2")
+    results = await asyncio.gather(*(source.renew(used) for _ in range(10)))
+    assert rotating.calls == 2  # one reload for ten refused requests
+    assert {r.access_key for r in results if r is not None} == {"AKIDROTATING00000002"}
+    assert None not in results
+    assert source.changed_at is not None
+    assert (await source.get()).access_key == "AKIDROTATING00000002"
+
+
+async def test_pending_source_answers_503_with_the_next_step_until_found(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    rotating = Rotating()
+    rotating.keys = None
+    source = CredentialSource(None, "profile dev", resolve=rotating, profile="dev")
+    with pytest.raises(CredentialsError):
+        source.load()
+    assert source.pending
+    with pytest.raises(CredentialsUnavailable) as info:
+        await source.get()
+    message = info.value.message
+    assert message.startswith("no AWS credentials yet (profile dev)")
+    assert "aws configure --profile dev" in message
+    # Polls retry; the same reason is not logged at WARNING again and again.
+    for _ in range(3):
+        source._next_attempt = 0.0
+        await source.poll()
+    assert rotating.calls == 4
+    said = [
+        r
+        for r in caplog.records
+        if r.levelname == "WARNING" and "refresh failed for profile dev" in r.getMessage()
+    ]
+    assert len(said) == 1
+    rotating.keys = ("AKIDROTATING00000009", "rotating-secret-9")
+    source._next_attempt = 0.0
+    await source.poll()
+    assert not source.pending
+    assert (await source.get()).access_key == "AKIDROTATING00000009"
+    assert "credentials for profile dev found (retrying)" in caplog.text
+
+
+async def test_expiry_that_cannot_be_refreshed_is_warned_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    issuer = Issuer(lifetime=8 * 60)  # inside the 10-minute warning
+    source = source_for(issuer)
+    issuer.fail = True
+    for _ in range(4):
+        await source.poll()
+        await asyncio.sleep(0.01)
+    assert issuer.calls >= 2
+    warnings = [r for r in caplog.records if "cannot be refreshed" in r.getMessage()]
+    assert len(warnings) == 1
+    line = warnings[0].getMessage()
+    assert warnings[0].levelname == "WARNING"
+    assert line.startswith("credentials for test issuer (test-issuer) expire at ")
+    assert "(in 7 min)" in line or "(in 8 min)" in line
+    assert "issuer unavailable" in line
+
+
+async def test_sso_profile_without_login_says_the_command(aws_env: dict[str, str]) -> None:
+    Path(aws_env["AWS_CONFIG_FILE"]).write_text(
+        "[profile dev]\nsso_session = corp\nsso_account_id = 111122223333\n"
+        "sso_role_name = Dev\nregion = us-east-1\n"
+        "[sso-session corp]\nsso_start_url = https://corp.awsapps.com/start\n"
+        "sso_region = us-east-1\n"
+    )
+    config = parse_config(one_upstream(1, credentials="{profile: dev}"))
+    store = await asyncio.get_running_loop().run_in_executor(
+        None, functools.partial(CredentialStore.resolve, config, wait=True)
+    )
+    source = store.get("fn")
+    assert source is not None and source.pending
+    assert source.last_error is not None
+    assert "aws sso login --profile dev" in source.last_error
+    with pytest.raises(CredentialsError, match="aws sso login --profile dev"):
+        await asyncio.get_running_loop().run_in_executor(None, CredentialStore.resolve, config)
