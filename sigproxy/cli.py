@@ -80,12 +80,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="override admin.port (0: any free port, logged at start)",
     )
+    serve_p.add_argument(
+        "--wait-for-credentials",
+        action="store_true",
+        help="start even when an upstream has no AWS credentials yet: /readyz and its "
+        "requests answer 503 saying what is missing until they appear (a file written, "
+        "aws sso login), then it serves without a restart",
+    )
 
     check_p = sub.add_parser(
         "check",
         help="validate the config, resolve credentials and print the route table",
         description="Validate the config, resolve every upstream's credentials and print the "
-        "route table; exit 0, or 2 with one line naming the problem.",
+        "route table; exit 0, or 2 with one line naming the problem. --probe also tries "
+        "each upstream and prints what it answered.",
     )
     add_config(check_p)
     check_p.add_argument(
@@ -98,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--offline",
         action="store_true",
         help="skip the DNS lookup of each upstream's host",
+    )
+    check_p.add_argument(
+        "--probe",
+        action="store_true",
+        help="also connect to every upstream (DNS, TCP, TLS) and, for aws_iam ones, send one "
+        "request with a wrong signature that cannot run the function, to learn whether the URL "
+        "accepts the credentials; exit 2 unless every upstream passes",
     )
 
     demo_p = sub.add_parser(
@@ -185,9 +200,15 @@ def _fail(message: str) -> int:
 def _check(config: Config, args: argparse.Namespace) -> int:
     from .credentials import CredentialStore
 
+    if args.probe and (args.offline or args.no_credentials):
+        flag = "--offline" if args.offline else "--no-credentials"
+        return _fail(
+            f"--probe cannot be combined with {flag}: it looks up and connects to every "
+            "upstream and signs with its credentials"
+        )
     for warning in _region_warnings(config):
         log.warning("%s", warning)
-    if not args.offline:
+    if not args.offline and not args.probe:  # the probe looks each host up itself
         for warning in _dns_warnings(config):
             log.warning("%s", warning)
     store = None if args.no_credentials else CredentialStore.resolve(config)
@@ -216,7 +237,15 @@ def _check(config: Config, args: argparse.Namespace) -> int:
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     print(f"config OK: {config.source}, {len(config.upstreams)} upstream(s)")
-    return EXIT_OK
+    if store is None or not args.probe:
+        return EXIT_OK
+    from .probe import format_report, probe_all
+
+    results = run(probe_all(config, store))
+    print()
+    for line in format_report(results, args.config):
+        print(line)
+    return EXIT_OK if all(r.passed for r in results) else EXIT_USAGE
 
 
 def _region_warnings(config: Config) -> list[str]:
@@ -305,10 +334,12 @@ def _serve(config: Config, path: str, args: argparse.Namespace) -> int:
         ):
             if value:
                 worker_args += [flag, value]
+        if args.wait_for_credentials:
+            worker_args.append("--wait-for-credentials")
         return run(Supervisor(config, worker_args, workers, load).run())
-    store = CredentialStore.resolve(config)
+    store = CredentialStore.resolve(config, wait=args.wait_for_credentials)
     _log_routes(config, store)
-    run(serve(config, store, load))
+    run(serve(config, store, load, wait_for_credentials=args.wait_for_credentials))
     return EXIT_OK
 
 
@@ -333,12 +364,13 @@ def _worker(args: argparse.Namespace) -> int:
         os.close(handoff.ready_fd)
 
     try:
-        store = CredentialStore.resolve(config)
+        store = CredentialStore.resolve(config, wait=args.wait_for_credentials)
         run(
             serve(
                 config,
                 store,
                 load,
+                wait_for_credentials=args.wait_for_credentials,
                 sockets=(handoff.proxy, handoff.admin),
                 notifier=Notifier(environ={}),
                 on_ready=ready,
@@ -357,7 +389,9 @@ def _worker(args: argparse.Namespace) -> int:
 def _log_routes(config: Config, store: CredentialStore | None) -> None:
     for upstream in config.upstreams:
         source = None if store is None else store.get(upstream.name)
-        if source is not None:
+        if source is not None and source.pending:
+            creds = f"{source.description} (none yet: waiting for them)"
+        elif source is not None:
             creds = f"{source.description} ({source.method})"
         elif upstream.auth == "aws_iam":
             creds = f"{upstream.credentials.describe()} (resolved by each worker)"
