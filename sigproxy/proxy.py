@@ -375,10 +375,9 @@ class Proxy:
         outcome.upstream_time = time.perf_counter() - t0
         target = route.target
         date = up.headers.get("Date")
-        if date is not None and target.credentials is not None:
-            clock = target.signer.clock
-            if clock.observe(date, time.time()):
-                self._skewed(target, "its Date header")
+        signed = target.credentials is not None
+        if date is not None and signed and target.signer.clock.observe(date):
+            self._skewed(target, "its Date header")
         return up
 
     async def _refusal(self, target: Target, up: UpstreamResponse, signed: bool) -> _Refused | None:

@@ -185,10 +185,10 @@ class Clock:
             self._second = second
         return self._text
 
-    def observe(self, date: str, local: float) -> bool:
+    def observe(self, date: str, local: float | None = None) -> bool:
         """Learn the upstream's time from the ``Date`` header of an answer that arrived at
-        ``local`` (epoch seconds); parsed only when it differs from the last one seen, so
-        at most once a second. True when the signing offset changed."""
+        ``local`` (epoch seconds, default now); parsed only when it differs from the last
+        one seen, so at most once a second. True when the signing offset changed."""
         if date == self._date:
             return False
         self._date = date
@@ -196,7 +196,7 @@ class Clock:
             server = email.utils.parsedate_to_datetime(date).timestamp()
         except (TypeError, ValueError, IndexError, OverflowError):
             return False
-        return self.measured(server - local)
+        return self.measured(server - (time.time() if local is None else local))
 
     def measured(self, skew: float) -> bool:
         """The upstream's clock is ``skew`` seconds ahead of this machine's. Beyond
