@@ -27,12 +27,15 @@ nothing valid is left, requests get :class:`~sigproxy.errors.CredentialsUnavaila
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
+import subprocess
+import threading
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import botocore.session
 from botocore.config import Config as BotocoreConfig
@@ -138,6 +141,49 @@ def next_step(method: str, profile: str | None) -> str:
     )
 
 
+# serve --wait-for-credentials waits this long for each source at start.
+LOAD_WAIT = 5.0
+# How long a request waits for credentials being resolved (after a refusal, or when none
+# are valid) before it is answered with what is known: a provider may hang for minutes.
+WAIT = 5.0
+
+T = TypeVar("T")
+
+
+async def _wait(task: asyncio.Task[None]) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(task), WAIT)
+
+
+async def _off_loop(fn: Callable[[], T]) -> T:
+    """``fn()`` in a daemon thread: botocore blocks, and a provider that hangs (a
+    credential_process waiting for input) must neither hold the loop nor, as a thread of
+    the loop's executor would, keep the process from exiting on SIGTERM."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(value: Any, failed: bool) -> None:
+        if future.done():
+            return
+        if failed:
+            future.set_exception(value)
+        else:
+            future.set_result(value)
+
+    def run() -> None:
+        try:
+            value: Any = fn()
+        except BaseException as exc:  # handed to the awaiting task
+            value, failed = exc, True
+        else:
+            failed = False
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
+            loop.call_soon_threadsafe(settle, value, failed)
+
+    threading.Thread(target=run, name="sigproxy-credentials", daemon=True).start()
+    return await future
+
+
 def _check_keys(frozen: ReadOnlyCredentials) -> None:
     if not frozen.access_key or not frozen.secret_key:
         raise CredentialsError("the credentials found have no access key or secret key")
@@ -179,6 +225,7 @@ class CredentialSource:
         self._next_attempt = 0.0
         self._renewed_at = -RENEW_INTERVAL
         self._warned_expiry: float | None = None
+        self._said: str | None = None  # the state the last refresh WARNING named
         self.changed_at: float | None = None
         """Monotonic time the credentials in use last changed to different ones."""
         self.last_error: str | None = None
@@ -210,22 +257,57 @@ class CredentialSource:
     def next_step(self) -> str:
         return next_step(self.method, self._profile)
 
-    def load(self) -> None:
+    def load(self, timeout: float | None = None) -> None:
         """Fetch credentials now, blocking. Used once at startup, before listening.
-        Raises :class:`CredentialsError` saying why there are none."""
-        self._install(*self._load())
+        Raises :class:`CredentialsError` saying why there are none, or that the provider
+        gave no answer within ``timeout`` seconds (it may still be working, in a daemon
+        thread: its answer is dropped, and :meth:`poll` asks again)."""
+        if timeout is None:
+            self._install(*self._load(), self._seen())
+            return
+        done = threading.Event()
+        result: list[Any] = []
 
-    def _load(self) -> tuple[Credentials, ReadOnlyCredentials, float | None, Stamp | None]:
+        def run() -> None:
+            try:
+                result.append(self._load())
+            except BaseException as exc:  # handed to the caller below
+                result.append(exc)
+            done.set()
+
+        threading.Thread(target=run, name="sigproxy-credentials", daemon=True).start()
+        if not done.wait(timeout):
+            raise CredentialsError(
+                f"the credential provider gave no answer within {timeout:g} s "
+                "(a credential_process waiting for input?)"
+            )
+        if isinstance(result[0], BaseException):
+            raise result[0]
+        credentials, frozen, expiry = result[0]
+        self._install(credentials, frozen, expiry, self._seen())
+
+    def _seen(self) -> Stamp | None:
+        return stamp(self._watch) if self._watch else None
+
+    def _load(self) -> tuple[Credentials, ReadOnlyCredentials, float | None]:
         """Resolve (when this source can) and fetch, blocking: run it off the loop."""
-        before = stamp(self._watch) if self._watch else None
         if self._resolve is not None:
             credentials, frozen = self._resolve()
             _check_keys(frozen)
-            return credentials, frozen, _expiry_epoch(credentials), before
+            return credentials, frozen, _expiry_epoch(credentials)
         if self._credentials is None:
             raise CredentialsError("none found")
         frozen, expiry = self._fetch(self._credentials)
-        return self._credentials, frozen, expiry, before
+        return self._credentials, frozen, expiry
+
+    def _reload(self) -> tuple[Stamp | None, Any]:
+        """What the watched files look like, then the load's result or its exception;
+        blocking. The stamp is taken first: a change during the load is seen next time."""
+        seen = self._seen()
+        try:
+            return seen, self._load()
+        except Exception as exc:  # any provider failure: the caller keeps what it has
+            return seen, exc
 
     def _install(
         self,
@@ -269,7 +351,7 @@ class CredentialSource:
         if self._refresh is None and now >= self._next_attempt:
             self._start(self._run_refresh())
         if self._refresh is not None:
-            await asyncio.shield(self._refresh)
+            await _wait(self._refresh)
         if self._usable(self._clock()):
             assert self._frozen is not None
             return self._frozen
@@ -293,10 +375,10 @@ class CredentialSource:
         if self._frozen is not None and self._frozen != used:
             return self._frozen  # already replaced since that request was signed
         if self._refresh is not None:
-            await asyncio.shield(self._refresh)
+            await _wait(self._refresh)
         elif time.monotonic() - self._renewed_at >= RENEW_INTERVAL:
             self._renewed_at = time.monotonic()
-            await asyncio.shield(self._start(self._run_reload("the upstream refused them")))
+            await _wait(self._start(self._run_reload("the upstream refused them")))
         frozen = self._frozen
         return frozen if frozen is not None and frozen != used else None
 
@@ -350,14 +432,17 @@ class CredentialSource:
 
     async def _run_reload(self, why: str) -> None:
         """Resolve from the source again, off the loop; keep what we have on failure."""
-        loop = asyncio.get_running_loop()
         try:
-            loaded = await loop.run_in_executor(None, self._load)
-        except Exception as exc:  # any provider failure: keep what we have
-            self._failed(exc)
-        else:
+            seen, loaded = await _off_loop(self._reload)
+            if isinstance(loaded, Exception):
+                # Until the files change again, or the retry interval passes while there
+                # are none: a broken file is not read (and reported) every poll.
+                self._stamp = seen
+                self._failed(loaded)
+                return
             first = self._frozen is None
-            if self._install(*loaded) or first:
+            credentials, frozen, expiry = loaded
+            if self._install(credentials, frozen, expiry, seen) or first:
                 log.warning(
                     "credentials for %s %s (%s): signing with them from now on",
                     self.description,
@@ -372,11 +457,10 @@ class CredentialSource:
 
     async def _run_refresh(self) -> None:
         """botocore's refresh of the credentials in use, off the loop."""
-        loop = asyncio.get_running_loop()
         credentials = self._credentials
         assert credentials is not None
         try:
-            frozen, expiry = await loop.run_in_executor(None, self._fetch, credentials)
+            frozen, expiry = await _off_loop(functools.partial(self._fetch, credentials))
         except Exception as exc:  # any provider failure: keep what we have
             self._failed(exc)
         else:
@@ -397,7 +481,7 @@ class CredentialSource:
             self._refresh = None
 
     def _failed(self, exc: BaseException | None) -> None:
-        previous = self.last_error
+        previous = (self._said, self.last_error)
         if exc is None:
             self.last_error = "the provider gave no new credentials (see botocore's warning)"
         elif isinstance(exc, CredentialsError):
@@ -410,13 +494,9 @@ class CredentialSource:
             state = "none yet"
         else:
             state = "still valid" if self._usable(self._clock()) else "none valid left"
-        # Waiting for credentials retries every few seconds: say it again only when the
-        # reason changes.
-        level = (
-            logging.DEBUG
-            if self._frozen is None and previous == self.last_error
-            else logging.WARNING
-        )
+        # Retries come every few seconds: say it again only when something changed.
+        level = logging.DEBUG if previous == (state, self.last_error) else logging.WARNING
+        self._said = state
         log.log(
             level,
             "credential refresh failed for %s (%s): %s",
@@ -509,7 +589,9 @@ class CredentialStore:
             if source is None:
                 source = _source(upstream.credentials, upstream.region)
                 try:
-                    source.load()
+                    # Waiting: a provider that does not answer must not keep the
+                    # listeners closed; the source keeps asking in the background.
+                    source.load(timeout=LOAD_WAIT if wait else None)
                 except CredentialsError as exc:
                     if not wait:
                         raise CredentialsError(
@@ -551,6 +633,7 @@ def _chain(spec: CredentialsSpec, region: str) -> tuple[Credentials, ReadOnlyCre
     a new session reads the files and caches again. Blocking."""
     try:
         session = botocore.session.Session(profile=spec.profile)
+        _bound_credential_process(session)
         credentials = session.get_credentials()
         if credentials is None:
             raise CredentialsError(
@@ -562,8 +645,15 @@ def _chain(spec: CredentialsSpec, region: str) -> tuple[Credentials, ReadOnlyCre
             credentials = _assume_role(session, credentials, spec, region)
         # Fetched here, so a provider's failure is told with the next step.
         frozen = credentials.get_frozen_credentials()
-    except (CredentialsError, BotoCoreError, ClientError) as exc:
+    except Exception as exc:  # botocore's, and what a broken credential_process raises
         text = str(exc) if isinstance(exc, CredentialsError) else _describe_error(exc, spec)
+        if not isinstance(exc, CredentialsError | BotoCoreError | ClientError):
+            # botocore lets a credential_process that can't start, or prints no JSON,
+            # raise what Python raised.
+            text = (
+                f"the profile's credential_process failed: {text} (run it by hand: it must "
+                'print JSON with "Version": 1, "AccessKeyId" and "SecretAccessKey")'
+            )
         unreadable = _unreadable_aws_files()
         if unreadable:
             text += (
@@ -572,6 +662,36 @@ def _chain(spec: CredentialsSpec, region: str) -> tuple[Credentials, ReadOnlyCre
             )
         raise CredentialsError(text) from None
     return credentials, frozen
+
+
+# botocore waits for a credential_process as long as it runs; sigproxy gives it this long.
+PROCESS_TIMEOUT = 30.0
+
+
+class _BoundedPopen(subprocess.Popen[bytes]):
+    """A ``credential_process`` that does not finish in :data:`PROCESS_TIMEOUT` seconds
+    (waiting for a prompt nobody answers, a stuck network call) is killed and reported."""
+
+    def communicate(
+        self, input: bytes | None = None, timeout: float | None = None
+    ) -> tuple[Any, Any]:
+        try:
+            return super().communicate(input, PROCESS_TIMEOUT if timeout is None else timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            super().communicate()
+            raise CredentialsError(
+                f"the credential_process did not finish within {PROCESS_TIMEOUT:g} s and was "
+                "stopped (run it by hand to see what it waits for)"
+            ) from None
+
+
+def _bound_credential_process(session: botocore.session.Session) -> None:
+    # botocore's ProcessProvider has taken the Popen to use as ``_popen`` since 2017
+    # (tests/test_botocore_contract.py checks it).
+    resolver = session.get_component("credential_provider")
+    provider = resolver.get_provider("custom-process")
+    provider._popen = _BoundedPopen
 
 
 def _assume_role(

@@ -5,7 +5,8 @@ pyproject.toml pins botocore to the range these pass on. Used:
   * ``SigV4Auth._modify_request_before_signing`` and ``._inject_signature_to_request``
     (sigproxy.botocore_signer runs botocore's ``add_auth`` steps with the time of its own
     clock, which corrects for clock skew);
-  * ``RefreshableCredentials._expiry_time`` (sigproxy.credentials reads the expiry).
+  * ``RefreshableCredentials._expiry_time`` (sigproxy.credentials reads the expiry);
+  * ``ProcessProvider._popen`` (sigproxy.credentials bounds a credential_process in time).
 """
 
 from __future__ import annotations
@@ -67,3 +68,12 @@ def test_refreshable_credentials_keep_their_expiry_where_sigproxy_reads_it() -> 
     source.load()
     assert source.expiry is not None
     assert abs(source.expiry - expiry.timestamp()) < 1
+
+
+def test_credential_process_provider_takes_its_popen_where_sigproxy_sets_it() -> None:
+    import botocore.session
+
+    session = botocore.session.Session()
+    provider = session.get_component("credential_provider").get_provider("custom-process")
+    assert provider._popen is not None
+    assert "self._popen(" in inspect.getsource(type(provider)._retrieve_credentials_using)
