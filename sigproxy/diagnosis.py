@@ -83,7 +83,8 @@ def classify(status: int, error_type: str | None, body: bytes, *, signed: bool) 
     status, or a 401/403 the function itself sent, which carries no error type)."""
     if status not in (401, 403) or not error_type:
         return None
-    kind = error_type.split(":", 1)[0].strip()
+    # "Type", "Type:namespace" or "namespace#Type", as botocore reads it.
+    kind = error_type.split(":", 1)[0].rsplit("#", 1)[-1].strip()
     diagnosis = _TYPES.get(kind)
     if diagnosis is None:
         return None

@@ -38,7 +38,8 @@ _REQUEST_DROP = HOP_BY_HOP | {
     "x-request-id",
 }
 # The proxy frames the body itself and sets its own request id.
-_RESPONSE_DROP = HOP_BY_HOP | {"content-length", "x-request-id"}
+# The proxy sets these itself; an upstream may not speak for it (X-Sigproxy-Diagnosis).
+_RESPONSE_DROP = HOP_BY_HOP | {"content-length", "x-request-id", "x-sigproxy-diagnosis"}
 
 Headers = Iterable[tuple[str, str]]
 

@@ -90,6 +90,10 @@ def protect_secrets() -> None:
     botocore_logger = logging.getLogger("botocore")
     if botocore_logger.getEffectiveLevel() < logging.ERROR:
         botocore_logger.setLevel(logging.ERROR)
+    # urllib3 (botocore's HTTP, for SSO and STS) logs request lines with their queries.
+    urllib3_logger = logging.getLogger("urllib3")
+    if urllib3_logger.getEffectiveLevel() < logging.WARNING:
+        urllib3_logger.setLevel(logging.WARNING)
     server_logger = logging.getLogger("aiohttp.server")
     if not any(isinstance(f, RedactProtocolErrors) for f in server_logger.filters):
         server_logger.addFilter(RedactProtocolErrors())

@@ -368,6 +368,10 @@ async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> b
             chunk_size = int((await reader.readuntil(b"\r\n")).split(b";")[0].strip(), 16)
             if chunk_size == 0:
                 break
+            if chunk_size > MAX_BODY - size:
+                # Enough to classify; a huge declared chunk is not buffered.
+                chunks.append(await reader.readexactly(MAX_BODY - size))
+                break
             chunks.append(await reader.readexactly(chunk_size))
             await reader.readexactly(2)
             size += chunk_size

@@ -90,6 +90,8 @@ class _Refused:
 
     refusal: Refusal
     body: bytes | None
+    whole: bool = True
+    """``body`` is all of it; else its start, and the rest is still to stream."""
 
 
 class Proxy:
@@ -387,17 +389,13 @@ class Proxy:
         if up.status not in (401, 403) or "x-amzn-ErrorType" not in up.headers:
             return None
         body: bytes | None = None
+        whole = True
         length = up.content_length
-        if up.complete or (length is not None and length <= REFUSAL_BODY):
-            try:
-                body = await up.read()
-            except UpstreamError as exc:
-                name = target.upstream.name
-                self._warn(name, str(exc), f"upstream {name}: {exc} ({exc.kind})")
-                raise upstream_failure(exc.kind, str(exc), name) from exc
+        if length is None or length <= REFUSAL_BODY:
+            body, whole = await self._read_start(target, up)
         refusal = classify(up.status, up.headers["x-amzn-ErrorType"], body or b"", signed=signed)
         if refusal is None:
-            return None if body is None else _Refused(_NOT_A_REFUSAL, body)
+            return None if body is None else _Refused(_NOT_A_REFUSAL, body, whole)
         name = target.upstream.name
         self.metrics.upstream_auth_failures.labels(name, refusal.diagnosis).inc()
         self._warn(
@@ -410,7 +408,25 @@ class Proxy:
                 url=target.upstream.url,
             ),
         )
-        return _Refused(refusal, body)
+        return _Refused(refusal, body, whole)
+
+    async def _read_start(self, target: Target, up: UpstreamResponse) -> tuple[bytes, bool]:
+        """Up to :data:`~sigproxy.diagnosis.MAX_BODY` bytes of the body (chunked ones
+        too), and whether that is all of it."""
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            while size <= REFUSAL_BODY:
+                chunk = await up.read_chunk()
+                if not chunk:
+                    return b"".join(chunks), True
+                chunks.append(chunk)
+                size += len(chunk)
+        except UpstreamError as exc:
+            name = target.upstream.name
+            self._warn(name, str(exc), f"upstream {name}: {exc} ({exc.kind})")
+            raise upstream_failure(exc.kind, str(exc), name) from exc
+        return b"".join(chunks), False
 
     async def _cure(
         self, target: Target, refusal: Refusal, used: Credentials, offset: float
@@ -429,35 +445,33 @@ class Proxy:
             return False
         if await target.credentials.renew(used) is None:
             return False
-        log.info(
-            "upstream %s refused credentials from %s (%s): sending it again with the "
-            "ones the source has now",
-            target.upstream.name,
-            target.credentials.description,
-            refusal.diagnosis,
+        name = target.upstream.name
+        self._warn(
+            name,
+            "retried",
+            f"upstream {name} refused credentials from {target.credentials.description} "
+            f"({refusal.diagnosis}): sending it again with the ones the source has now",
+            logging.INFO,
         )
         return True
 
     def _skewed(self, target: Target, seen_in: str) -> None:
         clock = target.signer.clock
         assert clock.skew is not None
+        name = target.upstream.name
         if clock.offset:
-            log.warning(
-                "upstream %s: this machine's clock is %+.0f s off the upstream's (from %s); "
-                "signing with the corrected time. Set the clock (NTP): SigV4 refuses "
-                "signatures more than 5 minutes off",
-                target.upstream.name,
-                -clock.skew,
-                seen_in,
+            line = (
+                f"upstream {name}: this machine's clock is {-clock.skew:+.0f} s off the "
+                f"upstream's (from {seen_in}); signing with the corrected time. Set the clock "
+                "(NTP): SigV4 refuses signatures more than 5 minutes off"
             )
         else:
-            log.warning(
-                "upstream %s: the clock skew is gone (%+.0f s, from %s); signing with "
-                "this machine's time again",
-                target.upstream.name,
-                -clock.skew,
-                seen_in,
+            line = (
+                f"upstream {name}: the clock skew is gone ({-clock.skew:+.0f} s, from "
+                f"{seen_in}); signing with this machine's time again"
             )
+        # An upstream whose Date flaps would otherwise write a line per answer.
+        self._warn(name, "clock-skew", line)
 
     async def _send(
         self, route: Route, method: str, headers: list[tuple[str, str]], body: bytes
@@ -478,9 +492,9 @@ class Proxy:
             self._warn(upstream.name, str(exc), f"upstream {upstream.name}: {exc} ({exc.kind})")
             raise upstream_failure(exc.kind, str(exc), upstream.name) from exc
 
-    def _warn(self, upstream: str, cause: str, line: str) -> None:
-        """``line`` at WARNING, once a minute per upstream and cause: a failing upstream
-        under load must not write a line per request."""
+    def _warn(self, upstream: str, cause: str, line: str, level: int = logging.WARNING) -> None:
+        """``line`` at WARNING (or ``level``), once a minute per upstream and cause: a
+        failing upstream under load must not write a line per request."""
         now = time.monotonic()
         key = (upstream, cause)
         if now - self._warned.get(key, -_WARN_EVERY) < _WARN_EVERY:
@@ -488,7 +502,7 @@ class Proxy:
         if len(self._warned) > 1000:  # causes carry addresses: stay bounded
             self._warned.clear()
         self._warned[key] = now
-        log.warning("%s", line)
+        log.log(level, "%s", line)
 
     async def _relay(
         self,
@@ -504,9 +518,16 @@ class Proxy:
         length = up.content_length
         sized = length is not None and "Transfer-Encoding" not in up.headers
         read = refused.body if refused is not None and request.method != "HEAD" else None
-        whole = read is not None or (
-            sized and request.method != "HEAD" and up.status not in (204, 304) and up.complete
-        )
+        if read is not None and refused is not None and refused.whole:
+            whole = True
+        else:
+            whole = (
+                read is None
+                and sized
+                and request.method != "HEAD"
+                and up.status not in (204, 304)
+                and up.complete
+            )
         # The upstream's reason phrase is not passed on: the status says it all, and a
         # phrase with control bytes would not survive the trip. A body that came with the
         # head goes out with the headers in one write, where streaming costs one each.
@@ -541,7 +562,7 @@ class Proxy:
         except ConnectionError:
             return response
         outcome.sent, outcome.status = await self._stream(
-            request, up, response, target.upstream.name, request_id
+            request, up, response, target.upstream.name, request_id, read or b""
         )
         return response
 
@@ -552,9 +573,17 @@ class Proxy:
         response: web.StreamResponse,
         upstream: str,
         request_id: str,
+        start: bytes = b"",
     ) -> tuple[int, int]:
-        """Copy the upstream body to the client as it arrives; returns (bytes, status)."""
+        """Copy the upstream body to the client as it arrives, after ``start`` (what of it
+        was read already); returns (bytes, status)."""
         sent = 0
+        if start:
+            try:
+                await response.write(start)
+            except ConnectionError:
+                return sent, CLIENT_GONE
+            sent = len(start)
         while True:
             try:
                 chunk = await up.read_chunk()

@@ -87,6 +87,13 @@ CASES = [
         True,
         INVALID_SIGNATURE,
     ),
+    (
+        403,
+        "com.amazon.coral.service#ExpiredTokenException",
+        body("message", "The security token included in the request is expired"),
+        True,
+        EXPIRED_TOKEN,
+    ),
     (401, "UnrecognizedClientException", b"", True, UNRECOGNIZED_CLIENT),
     (403, "MissingAuthenticationTokenException", b"{}", False, NOT_SIGNED),
 ]
