@@ -226,8 +226,6 @@ class CredentialSource:
         self._renewed_at = -RENEW_INTERVAL
         self._warned_expiry: float | None = None
         self._said: str | None = None  # the state the last refresh WARNING named
-        self.changed_at: float | None = None
-        """Monotonic time the credentials in use last changed to different ones."""
         self.last_error: str | None = None
         self.refreshes: dict[str, int] = {"success": 0, "failure": 0}
 
@@ -321,8 +319,6 @@ class CredentialSource:
         self._credentials, self._frozen, self._expiry = credentials, frozen, expiry
         if seen is not None:
             self._stamp = seen
-        if changed:
-            self.changed_at = time.monotonic()
         return changed
 
     @staticmethod
@@ -483,7 +479,9 @@ class CredentialSource:
     def _failed(self, exc: BaseException | None) -> None:
         previous = (self._said, self.last_error)
         if exc is None:
-            self.last_error = "the provider gave no new credentials (see botocore's warning)"
+            self.last_error = (
+                "the provider handed back the same credentials (botocore could not refresh them)"
+            )
         elif isinstance(exc, CredentialsError):
             self.last_error = str(exc)
         else:
