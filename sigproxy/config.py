@@ -29,8 +29,10 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from . import egress
 from .canonical import InvalidTarget, normalize_path
 from .cors import CorsConfig
+from .egress import EgressProxy
 from .errors import ConfigError
 from .hosts import is_loopback
 
@@ -211,9 +213,10 @@ class Key:
     required: str = "is required"
 
 
-def key(default: T, coerce: Coercer[T], yaml: str = "") -> T:
-    """A dataclass field that is also a config key: its default and its coercer."""
-    return field(default=default, metadata={"key": Key(coerce, yaml=yaml)})
+def key(default: T, coerce: Coercer[T], yaml: str = "", *, secret: bool = False) -> T:
+    """A dataclass field that is also a config key: its default and its coercer; a
+    ``secret`` one is left out of the dataclass's repr."""
+    return field(default=default, metadata={"key": Key(coerce, yaml=yaml)}, repr=not secret)
 
 
 def spec(coerce: Coercer[Any], required: str = "is required") -> dict[str, Key]:
@@ -321,9 +324,44 @@ def _join(path: str, key: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class ListenTls:
+    """TLS on the proxy listener: PEM files, checked when the config is loaded and read
+    again on SIGHUP (see :mod:`sigproxy.tls`). ``load_config`` makes relative paths
+    relative to the config file."""
+
+    cert: str = field(metadata=spec(text))
+    """The certificate, then any intermediates."""
+    key: str = field(metadata=spec(text))
+    # Not key(...): the field above shadows that name in this class body.
+    client_ca: str | None = field(default=None, metadata=spec(text))
+    """CA certificates: set, every client must present a certificate one of them issued."""
+
+
+def _listen_tls(s: Section) -> ListenTls:
+    """The files must make a server context: a file missing, unreadable or not matching
+    is one error naming its key, at load rather than at the first handshake."""
+    from .tls import server_context  # here: sigproxy.tls imports this module's types
+
+    tls = s.build(ListenTls)
+    server_context(tls, s.path)
+    return tls
+
+
+@dataclass(frozen=True, slots=True)
 class Listen:
     host: str = key("127.0.0.1", text)
     port: int = key(8080, Int(0, 65535))
+    tls: ListenTls | None = key(None, Schema(ListenTls, _listen_tls))
+    """None: plain HTTP."""
+
+    @property
+    def scheme(self) -> str:
+        return "http" if self.tls is None else "https"
+
+    @property
+    def client_certificates(self) -> bool:
+        """Whether every client must present a certificate (``tls.client_ca``)."""
+        return self.tls is not None and self.tls.client_ca is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -446,6 +484,61 @@ _REGION = Text(re.compile(r"[a-z]{2}(-[a-z]+)+-\d+"), "{!r} is not an AWS region
 _SERVICE = Text(re.compile(r"[a-z0-9-]{1,64}"), "{!r} is not an AWS service signing name")
 
 
+def _egress_setting(value: Any, path: str) -> str:
+    """``none``, or an http:// proxy URL (checked here, parsed again per upstream)."""
+    text_value = text(value, path)
+    if text_value.strip().lower() == egress.NONE:
+        return egress.NONE
+    egress.parse_proxy_url(text_value, path)
+    return text_value.strip()
+
+
+def _connect_to(value: Any, path: str) -> tuple[str, int]:
+    """``host:port``: an IP address (IPv6 in brackets) or a host name, and a port."""
+    raw = text(value, path).strip()
+    try:
+        parts = urlsplit(f"//{raw}")
+        port = parts.port
+    except ValueError:
+        port = None
+        parts = None
+    host = (parts.hostname or "") if parts is not None else ""
+    if parts is None or not host or port is None or parts.path or parts.username is not None:
+        raise ConfigError(path, f"{raw!r} must be host:port (an IP address or name, and a port)")
+    if not _is_ip(host):
+        try:
+            host = _HOST(host, path)
+        except ConfigError:
+            raise ConfigError(path, f"{host!r} is not an IP address or host name") from None
+    return host.lower(), port
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class Retries:
+    """How an exchange that failed before the function ran is tried again, each attempt
+    signed afresh."""
+
+    attempts: int = key(3, Int(1, 10))
+    """Attempts in all, the first included: 1 turns retries off."""
+    backoff_base: float = key(0.05, Seconds(0, 60))
+    """Seconds; attempt n waits a random time up to min(backoff_max, base * 2^n)."""
+    backoff_max: float = key(1.0, Seconds(0, 300))
+    deadline: float = key(10.0, seconds)
+    """No attempt starts later than this many seconds after the first."""
+    budget_percent: int = key(20, Int(0, 100))
+    """Retries in flight at most this share of the requests in flight (Envoy's budget)..."""
+    min_concurrency: int = key(3, Int(0, 10000))
+    """...or this many, whichever is more."""
+
+
 @dataclass(frozen=True, slots=True)
 class Upstream:
     name: str = field(metadata=spec(_NAME))
@@ -471,6 +564,17 @@ class Upstream:
     """The URL's host name, lower-cased: what a forward-proxy request names."""
     max_connections: int = key(DEFAULT_UPSTREAM_CONNECTIONS, Int(1, 1 << 16))
     """Open connections to the upstream at most (Envoy's per-cluster default)."""
+    egress_proxy: str | None = key(None, _egress_setting, secret=True)
+    """``none``, an http:// proxy URL (it may hold a password), or None: the global
+    setting, then the environment."""
+    connect_to: tuple[str, int] | None = key(None, _connect_to)
+    """Where TCP connections go instead of the URL's host (Host, SNI and the signature
+    stay the URL's)."""
+    retries: Retries = key(Retries(), section(Retries))
+    content_sha256_header: bool = key(False, boolean)
+    """Send X-Amz-Content-SHA256 on an auth: none upstream (CloudFront OAC needs it)."""
+    egress: EgressProxy | None = None
+    """The proxy its connections go through, resolved at load (see :mod:`sigproxy.egress`)."""
 
 
 def _upstream(s: Section) -> Upstream:
@@ -491,6 +595,14 @@ def _upstream(s: Section) -> Upstream:
         )
     if "credentials" in s.given and auth == "none":
         raise ConfigError(s.at("credentials"), "is not used when auth is none; remove it")
+    if s.values["content_sha256_header"] and auth == "aws_iam":
+        raise ConfigError(
+            s.at("content_sha256_header"),
+            "only applies to auth: none upstreams (signed requests carry the header already)",
+        )
+    retries = s.values["retries"]
+    if retries.backoff_base > retries.backoff_max:
+        raise ConfigError(s.at("retries.backoff_base"), "must not be more than retries.backoff_max")
     service = s.values["service"]
     if "service" not in s.given and _API_GATEWAY.match(derived["url_host"]):
         service = "execute-api"  # API Gateway signs as execute-api, not lambda
@@ -673,6 +785,9 @@ class Config:
     :func:`default_hosts`."""
     allow_cross_site_navigation: bool = key(False, boolean)
     """Let links and bookmarks on other sites open GET/HEAD pages through the proxy."""
+    egress_proxy: str | None = key(None, _egress_setting, secret=True)
+    """Every upstream's HTTP proxy (``none``: connect directly) unless it names its own;
+    left out, the environment's (HTTPS_PROXY, NO_PROXY...)."""
     signer: str = key("builtin", Choice(SIGNERS))
     """``builtin`` (sigproxy's own SigV4 code) or ``botocore`` (botocore's SigV4Auth);
     both give byte-identical signatures, botocore's at about four times the CPU."""
@@ -720,21 +835,49 @@ SCHEMA = Schema(Config, _config, extra={"emulator": Key(lambda value, path: valu
 
 def load_config(path: str, environ: Mapping[str, str] | None = None) -> Config:
     """Read, expand and validate the YAML file at ``path``. Relative paths in it
-    (``inbound_auth.tokens_file``) are relative to the file, as the emulator's handlers
-    are, not to wherever sigproxy was started."""
+    (``inbound_auth.tokens_file``, ``listen.tls``'s files) are relative to the file, as
+    the emulator's handlers are, not to wherever sigproxy was started."""
     data = parse_yaml(read_text(path), environ)
+    folder = os.path.dirname(os.path.abspath(path))
     auth = data.get("inbound_auth") if isinstance(data, dict) else None
     if isinstance(auth, dict) and isinstance(auth.get("tokens_file"), str):
-        folder = os.path.dirname(os.path.abspath(path))
         auth["tokens_file"] = os.path.join(folder, os.path.expanduser(auth["tokens_file"]))
-    return dataclasses.replace(SCHEMA(data, ""), source=path)
+    listen = data.get("listen") if isinstance(data, dict) else None
+    tls = listen.get("tls") if isinstance(listen, dict) else None
+    if isinstance(tls, dict):
+        for name in ("cert", "key", "client_ca"):
+            file = tls.get(name)
+            if isinstance(file, str) and file.strip():  # empty is left out, not the folder
+                tls[name] = os.path.join(folder, os.path.expanduser(file.strip()))
+    return with_egress(dataclasses.replace(SCHEMA(data, ""), source=path), environ)
 
 
 def parse_config(
     text: str, source: str = "<config>", environ: Mapping[str, str] | None = None
 ) -> Config:
     """Validate config given as YAML text."""
-    return dataclasses.replace(SCHEMA(parse_yaml(text, environ), ""), source=source)
+    config = dataclasses.replace(SCHEMA(parse_yaml(text, environ), ""), source=source)
+    return with_egress(config, environ)
+
+
+def with_egress(config: Config, environ: Mapping[str, str] | None = None) -> Config:
+    """``config`` with each upstream's egress proxy resolved: its own setting, the
+    global one, or the environment's (``os.environ`` unless given)."""
+    env = os.environ if environ is None else environ
+    upstreams = []
+    for i, upstream in enumerate(config.upstreams):
+        url = urlsplit(upstream.origin)
+        proxy = egress.resolve(
+            upstream.egress_proxy,
+            config.egress_proxy,
+            upstream.scheme,
+            upstream.url_host,
+            url.port or (443 if upstream.scheme == "https" else 80),
+            env,
+            f"upstreams[{i}]",
+        )
+        upstreams.append(dataclasses.replace(upstream, egress=proxy))
+    return dataclasses.replace(config, upstreams=tuple(upstreams))
 
 
 def read_text(path: str) -> str:
@@ -818,14 +961,17 @@ def check_exposure(config: Config) -> None:
     """Refuse a config that would let others use the proxy without a token. Run on every
     config that is about to be served: after command-line overrides, and on reload against
     the address actually listened on."""
-    exposed = not is_loopback(config.listen.host)
-    if exposed and config.inbound_auth is None and not config.allow_unauthenticated:
+    listen = config.listen
+    # A client certificate from listen.tls.client_ca is checked in every handshake: as
+    # much a credential as a token.
+    authenticated = config.inbound_auth is not None or listen.client_certificates
+    if not is_loopback(listen.host) and not authenticated and not config.allow_unauthenticated:
         raise ConfigError(
             "listen.host",
-            f"{config.listen.host} is not a loopback address, so others could reach the "
+            f"{listen.host} is not a loopback address, so others could reach the "
             "proxy and call your functions with its AWS credentials: set inbound_auth "
-            "(bearer tokens or a shared header secret) or, on a network you trust, "
-            "allow_unauthenticated: true",
+            "(bearer tokens or a shared header secret), listen.tls.client_ca (client "
+            "certificates) or, on a network you trust, allow_unauthenticated: true",
         )
     if "*" in config.allowed_hosts and config.inbound_auth is None:
         raise ConfigError(
@@ -867,7 +1013,8 @@ def with_listen(config: Config, host: str | None, port: int | None) -> Config:
         raise ConfigError("--port", f"must be between 0 and 65535, got {port}")
     if host is None and port is None:
         return config
-    listen = Listen(
+    listen = dataclasses.replace(
+        config.listen,
         host=host if host is not None else config.listen.host,
         port=port if port is not None else config.listen.port,
     )

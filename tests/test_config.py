@@ -228,8 +228,18 @@ def test_unreadable_file(tmp_path: Path) -> None:
 
 def test_example_config_is_valid() -> None:
     config = load_config(str(ROOT / "config.example.yaml"), environ={})
-    assert [u.name for u in config.upstreams] == ["orders", "public"]
+    assert [u.name for u in config.upstreams] == ["orders", "public", "cdn"]
     assert config.listen.port == 8080
+    # An empty ${SIGPROXY_EGRESS_PROXY:-} is the key's default: the environment decides.
+    assert config.egress_proxy is None
+    proxied = load_config(
+        str(ROOT / "config.example.yaml"), environ={"HTTPS_PROXY": "http://proxy.corp:3128"}
+    )
+    assert [u.egress.url if u.egress else None for u in proxied.upstreams] == [
+        "http://proxy.corp:3128",
+        None,  # egress_proxy: none
+        "http://proxy.corp:3128",
+    ]
 
 
 def test_tokens_file_is_relative_to_the_config_file(

@@ -372,7 +372,7 @@ def test_example_shows_every_key() -> None:
 def test_example_config_still_parses() -> None:
     """The example as shipped (keys commented out stay out) is a valid config."""
     config = parse_config((ROOT / "config.example.yaml").read_text(), environ={})
-    assert [u.name for u in config.upstreams] == ["orders", "public"]
+    assert [u.name for u in config.upstreams] == ["orders", "public", "cdn"]
 
 
 # --- rules across keys keep their one-line messages ---------------------------------------

@@ -16,6 +16,8 @@ PURE = [
     "headers",
     "signing",
     "diagnosis",
+    "egress",
+    "retries",
     "cors",
     "errors",
 ]

@@ -116,8 +116,8 @@ def test_check_prints_route_table(tmp_path: Path) -> None:
             r"upstreams\[0\]\.region: is required",
         ),
         (
-            "upstreams:\n  - {name: a, url: 'https://a.lambda-url.us-east-1.on.aws', retries: 3}\n",
-            r"upstreams\[0\]\.retries: unknown key",
+            "upstreams:\n  - {name: a, url: 'https://a.lambda-url.us-east-1.on.aws', retry: 3}\n",
+            r"upstreams\[0\]\.retry: unknown key \(did you mean 'retries'\?\)",
         ),
     ],
 )
