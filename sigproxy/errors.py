@@ -65,6 +65,8 @@ class ProxyError(SigproxyError):
     reason = "internal"  # bounded metric label
     closes = False
     """The connection can't be trusted for another request after this answer."""
+    retry: str | None = None
+    """Set on an upstream failure that may be tried again: the reason (see retries)."""
 
     def __init__(
         self,
@@ -194,6 +196,7 @@ _FAILED = {
     "tls": "TLS with upstream {!r} failed",
     "protocol": "upstream {!r} sent an invalid response",
     "closed": "upstream {!r} closed the connection",
+    "proxy": "the egress proxy for upstream {!r} failed",
 }
 
 

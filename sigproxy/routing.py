@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 from .canonical import InvalidTarget, normalize_path, normalize_query, split_target
 from .config import Config, Upstream
 from .cors import CorsPolicy
+from .egress import EgressProxy
 from .errors import BadRequest, Forbidden, NoRoute
 from .hosts import HostAllowList, hostname, is_loopback
 from .signing import BaseSigner, Clock, SigningKeys, signer_class
@@ -56,7 +57,11 @@ class Route:
 @dataclass(frozen=True, slots=True)
 class Origin:
     """Where an upstream's connections go, and how many may be open (in use and idle) and
-    for how long an idle one is kept. Each distinct Origin has its own pool."""
+    for how long an idle one is kept. Each distinct Origin has its own pool.
+
+    ``host`` and ``port`` are the URL's: the Host header, TLS SNI and certificate check.
+    ``connect_to`` is the address dialled instead (``None``: the URL's), and ``proxy``
+    the HTTP proxy whose CONNECT tunnel the connections go through (``None``: direct)."""
 
     scheme: str
     host: str
@@ -64,6 +69,8 @@ class Origin:
     name: str = ""
     max_connections: int = 1024
     idle_timeout: float = 15.0
+    connect_to: tuple[str, int] | None = None
+    proxy: EgressProxy | None = None
 
     @property
     def tls(self) -> bool:
@@ -204,7 +211,8 @@ def _canonical(raw_target: str) -> tuple[str, str]:
 
 
 def origin_of(upstream: Upstream) -> Origin:
-    """Where ``upstream``'s connections go, with its pool's limits."""
+    """Where ``upstream``'s connections go (its address, ``connect_to`` and egress proxy
+    as resolved at load), with its pool's limits."""
     url = urlsplit(upstream.origin)
     assert url.hostname is not None
     return Origin(
@@ -214,4 +222,6 @@ def origin_of(upstream: Upstream) -> Origin:
         name=upstream.name,
         max_connections=upstream.max_connections,
         idle_timeout=upstream.timeout.idle,
+        connect_to=upstream.connect_to,
+        proxy=upstream.egress,
     )

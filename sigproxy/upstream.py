@@ -8,6 +8,12 @@ llhttp parser, payload streams and read timeouts) and drops the rest: the reques
 written as bytes and connections are pooled per origin, up to a cap, with idle ones
 closed by a timer.
 
+An origin may dial another address than its URL's host (``connect_to``: a VPC endpoint,
+a tunnel) and may go through an HTTP proxy (``proxy``): TCP to the proxy, ``CONNECT`` to
+the address, and TLS to the Function URL inside the tunnel. Either way the Host header,
+the signature, the TLS SNI and the certificate check stay the URL's host. A tunnelled
+connection is pooled like a direct one.
+
 It raises one error tree, whatever failed below it (aiohttp, asyncio, the socket, TLS);
 :func:`_translate` is the one place that turns those into it::
 
@@ -17,9 +23,14 @@ It raises one error tree, whatever failed below it (aiohttp, asyncio, the socket
     ├── UpstreamTimedOut   timeout   no connection, or no answer, in time
     ├── ProtocolError      protocol  not a valid HTTP/1.1 answer (an unasked 101 included)
     ├── ConnectionClosed   closed    the upstream closed or reset the connection
-    └── PoolBusy           busy      every connection the upstream may have is taken
+    ├── PoolBusy           busy      every connection the upstream may have is taken
+    └── ProxyFailed        proxy     the egress proxy: unreachable, refused the CONNECT
+                                     (407 included), closed or timed out before its answer
 
-``kind`` is a bounded metric label; the message says the cause in words.
+``kind`` is a bounded metric label; the message says the cause in words, and names the
+hop: ``egress proxy http://***@proxy:3128: ...`` for the proxy, the Function URL's host
+(``... through egress proxy ...``) for what failed inside the tunnel. Neither ever holds
+the proxy's password or ``Proxy-Authorization`` value.
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import re
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -41,6 +53,7 @@ from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError
 from aiohttp.streams import StreamReader
 from multidict import CIMultiDictProxy
 
+from .egress import EgressProxy
 from .logs import printable
 from .routing import Origin
 
@@ -50,12 +63,18 @@ _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # Content-Length: 0, as aiohttp does.
 _NO_LENGTH_WHEN_EMPTY = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "CONNECT", "DELETE"})
 _LARGE = 1 << 16
+# A proxy's answer to CONNECT is a status line and a few headers; a longer one is read no
+# further, so a proxy (or what poses as one) can't make sigproxy buffer without bound.
+_MAX_CONNECT_HEAD = 16 * 1024
+_STATUS_LINE = re.compile(rb"HTTP/1\.[01] (\d{3})(?: ([^\r\n]*))?")
 
 
 class UpstreamError(Exception):
     """An exchange with an upstream failed; ``str()`` says why in words."""
 
     kind = "closed"
+    sent = True
+    """False when the request never left: no connection to send it on was made."""
 
     def __init__(self, origin: Origin, message: str) -> None:
         super().__init__(message)
@@ -103,26 +122,56 @@ class PoolBusy(UpstreamError):
         self.why = why
 
 
-def _translate(exc: Exception, origin: Origin, timeout: float | None) -> UpstreamError:
+class ProxyFailed(UpstreamError):
+    """The egress proxy failed: ``status`` is its answer to CONNECT when it refused one
+    (407 included), else ``None``."""
+
+    kind = "proxy"
+
+    def __init__(self, origin: Origin, message: str, status: int | None = None) -> None:
+        super().__init__(origin, message)
+        self.status = status
+
+
+class _ConnectRefused(Exception):
+    """The proxy's answer to CONNECT was not 2xx (``status``), or was not one at all
+    (``status`` None, ``text`` says why). Only :func:`_translate` puts it in words."""
+
+    def __init__(self, status: int | None, text: str) -> None:
+        super().__init__(text)
+        self.status = status
+        self.text = text
+
+
+def _translate(
+    exc: Exception, origin: Origin, timeout: float | None, hop: str = "upstream"
+) -> UpstreamError:
     """The one place where what failed below (aiohttp, asyncio, the socket, TLS) becomes
     an :class:`UpstreamError` saying why in words. ``timeout`` is the limit that was
-    running (connect or read)."""
-    where = f"{origin.host}:{origin.port}"
+    running (connect or read); ``hop`` is what was under way: ``proxy`` (connecting to
+    the egress proxy), ``tunnel`` (its answer to CONNECT) or ``upstream`` (the rest)."""
     if isinstance(exc, UpstreamError):
         return exc
+    proxy = origin.proxy
+    if proxy is not None and hop != "upstream":
+        return _proxy_failure(exc, origin, proxy, timeout, hop)
+    route = _route(origin)
+    where = f"{origin.host}:{origin.port}{route}"
     if isinstance(exc, TimeoutError):  # asyncio's, and aiohttp's read timeouts
         limit = "" if timeout is None else f" within {timeout:g} seconds"
         return UpstreamTimedOut(origin, f"no answer from {where}{limit}")
     if isinstance(exc, ssl.SSLCertVerificationError):
         return TLSFailed(
             origin,
-            f"certificate verify failed for {origin.host}: {exc.verify_message} "
+            f"certificate verify failed for {origin.host}{route}: {exc.verify_message} "
             "(for a private CA, point SSL_CERT_FILE at its PEM bundle)",
         )
     if isinstance(exc, ssl.SSLError):
         return TLSFailed(origin, f"TLS handshake with {where} failed: {exc.reason or exc}")
+    # Without a proxy sigproxy dials (and looks up) connect_to, else the URL's host.
+    dialled = origin.connect_to[0] if origin.connect_to is not None else origin.host
     if isinstance(exc, socket.gaierror):
-        return ConnectFailed(origin, f"DNS lookup of {origin.host} failed: {exc.strerror}")
+        return ConnectFailed(origin, f"DNS lookup of {dialled} failed: {exc.strerror}")
     if isinstance(exc, ConnectionRefusedError):
         return ConnectFailed(origin, f"connection refused by {where}")
     if isinstance(exc, HttpProcessingError):
@@ -139,6 +188,62 @@ def _translate(exc: Exception, origin: Origin, timeout: float | None) -> Upstrea
     if isinstance(exc, OSError):
         return ConnectFailed(origin, f"cannot connect to {where}: {exc.strerror or exc}")
     return ConnectionClosed(origin, f"{where} failed: {type(exc).__name__}")
+
+
+def _proxy_failure(
+    exc: Exception, origin: Origin, proxy: EgressProxy, timeout: float | None, hop: str
+) -> ProxyFailed:
+    """:func:`_translate`'s words for a failure of the egress proxy hop. ``proxy.url``
+    is the one way the proxy is named: it has no password."""
+    said = f"egress proxy {proxy.url}:"
+    target = "CONNECT " + _authority(*(origin.connect_to or (origin.host, origin.port)))
+    limit = "" if timeout is None else f" within {timeout:g} seconds"
+    if isinstance(exc, _ConnectRefused):
+        if exc.status == 407:
+            advice = (
+                "check the user and password in the proxy URL"
+                if proxy.authorization is not None
+                else "it wants credentials: give them in the proxy URL "
+                "(http://user:password@host:port)"
+            )
+            return ProxyFailed(
+                origin, f"{said} 407 Proxy Authentication Required for {target}: {advice}", 407
+            )
+        if exc.status is not None:
+            return ProxyFailed(origin, f"{said} refused {target}: {exc.text}", exc.status)
+        return ProxyFailed(origin, f"{said} invalid answer to {target}: {exc.text}")
+    if hop == "proxy":
+        if isinstance(exc, TimeoutError):
+            return ProxyFailed(origin, f"{said} no connection{limit}")
+        if isinstance(exc, socket.gaierror):
+            return ProxyFailed(origin, f"{said} DNS lookup of {proxy.host} failed: {exc.strerror}")
+        if isinstance(exc, ConnectionRefusedError):
+            return ProxyFailed(origin, f"{said} connection refused")
+        if isinstance(exc, OSError):
+            return ProxyFailed(origin, f"{said} cannot connect: {exc.strerror or exc}")
+        return ProxyFailed(origin, f"{said} failed: {type(exc).__name__}")
+    if isinstance(exc, TimeoutError):
+        return ProxyFailed(origin, f"{said} no answer to {target}{limit}")
+    if isinstance(exc, ConnectionError | EOFError):
+        return ProxyFailed(origin, f"{said} closed the connection before answering {target}")
+    if isinstance(exc, OSError):
+        return ProxyFailed(origin, f"{said} {target} failed: {exc.strerror or exc}")
+    return ProxyFailed(origin, f"{said} {target} failed: {type(exc).__name__}")
+
+
+def _route(origin: Origin) -> str:
+    """How an origin is reached, when not directly: `` at <connect_to>`` and/or
+    `` through egress proxy <url>``; empty when direct."""
+    words = ""
+    if origin.connect_to is not None:
+        words += " at " + _authority(*origin.connect_to)
+    if origin.proxy is not None:
+        words += f" through egress proxy {origin.proxy.url}"
+    return words
+
+
+def _authority(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class UpstreamResponse:
@@ -394,19 +499,31 @@ class UpstreamClient:
 
     async def _connect(self, pool: _Pool, connect_timeout: float | None) -> _Connection:
         """A new connection on a slot the caller holds in ``pool``; the slot is freed if
-        there is none."""
+        there is none. Everything (the proxy's answer and TLS included) happens within
+        ``connect_timeout``."""
         origin = pool.origin
+        proxy = origin.proxy
+        # Only this address is dialled (or named in CONNECT); TLS stays the URL host's.
+        host, port = origin.connect_to or (origin.host, origin.port)
         loop = asyncio.get_running_loop()
+        hop = "upstream"
         try:
             async with asyncio.timeout(connect_timeout):
-                addresses = await self._resolve(origin.host, origin.port)
-                # Happy Eyeballs (RFC 8305): with a host that has IPv6 and IPv4 addresses
-                # and an IPv6 route that drops packets, the IPv4 attempt starts after
-                # 250 ms instead of after the IPv6 one times out.
-                sock = await aiohappyeyeballs.start_connection(
-                    addresses, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY, interleave=1
-                )
+                if proxy is None:
+                    sock = await self._dial(host, port)
+                else:
+                    hop = "proxy"
+                    sock = await self._dial(proxy.host, proxy.port)
+                    hop = "tunnel"
+                    try:
+                        await _tunnel(loop, sock, proxy, host, port)
+                    except BaseException:
+                        sock.close()
+                        raise
+                    hop = "upstream"
                 try:
+                    # Over a tunnel this is TLS inside it, as loop.start_tls would do: the
+                    # socket after the proxy's 2xx is a byte stream to the upstream.
                     _, protocol = await loop.create_connection(
                         lambda: _Connection(loop),
                         sock=sock,
@@ -419,10 +536,22 @@ class UpstreamClient:
         except BaseException as exc:
             pool.free_slot()
             if isinstance(exc, Exception):
-                raise _translate(exc, origin, connect_timeout) from exc
+                failure = _translate(exc, origin, connect_timeout, hop)
+                failure.sent = False
+                raise failure from exc
             raise
         protocol.pool = pool
         return protocol
+
+    async def _dial(self, host: str, port: int) -> socket.socket:
+        """A TCP connection to ``host``: every address it has, by Happy Eyeballs."""
+        addresses = await self._resolve(host, port)
+        # Happy Eyeballs (RFC 8305): with a host that has IPv6 and IPv4 addresses and an
+        # IPv6 route that drops packets, the IPv4 attempt starts after 250 ms instead of
+        # after the IPv6 one times out.
+        return await aiohappyeyeballs.start_connection(
+            addresses, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY, interleave=1
+        )
 
     async def _acquire(self, pool: _Pool, connect_timeout: float | None) -> _Connection:
         """For a request that found no idle connection: a new one while the pool is under
@@ -523,6 +652,40 @@ Resolver = Callable[[str, int], Awaitable[Sequence[AddrInfo]]]
 
 async def _getaddrinfo(host: str, port: int) -> Sequence[AddrInfo]:
     return await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+
+
+async def _tunnel(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, proxy: EgressProxy, host: str, port: int
+) -> None:
+    """Ask ``proxy`` (connected on ``sock``) for a tunnel to ``host:port``; returns once it
+    answered 2xx, with nothing of the upstream's read. Raises :class:`_ConnectRefused`
+    for any other answer, ``ConnectionResetError`` when it closed first."""
+    authority = _authority(host, port)
+    lines = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}"]
+    if proxy.authorization is not None:
+        lines.append(f"Proxy-Authorization: {proxy.authorization}")
+    await loop.sock_sendall(sock, ("\r\n".join(lines) + "\r\n\r\n").encode())
+    head = b""
+    while (end := head.find(b"\r\n\r\n")) < 0:
+        if len(head) > _MAX_CONNECT_HEAD:
+            raise _ConnectRefused(None, f"an answer head over {_MAX_CONNECT_HEAD} bytes")
+        chunk = await loop.sock_recv(sock, 4096)
+        if not chunk:
+            raise ConnectionResetError("the proxy closed the connection")
+        head += chunk
+    first = head.split(b"\r\n", 1)[0]
+    status = _STATUS_LINE.fullmatch(first)
+    if status is None:
+        # The proxy's words are shown, never obeyed.
+        text = printable(first[:100].decode("latin-1"))
+        raise _ConnectRefused(None, f"not an HTTP/1.1 status line: {text!r}")
+    code = int(status[1])
+    if not 200 <= code < 300:
+        reason = printable((status[2] or b"").decode("latin-1").strip()[:200])
+        raise _ConnectRefused(code, f"{code} {reason}".rstrip())
+    if len(head) > end + 4:
+        # The upstream speaks second (TLS, HTTP): bytes here came from the proxy.
+        raise _ConnectRefused(None, f"{len(head) - end - 4} bytes after its {code} answer")
 
 
 def _head(method: str, target: str, headers: list[tuple[str, str]], body: bytes) -> bytes:
