@@ -397,14 +397,20 @@ def _log_routes(config: Config, store: CredentialStore | None) -> None:
             creds = f"{upstream.credentials.describe()} (resolved by each worker)"
         else:
             creds = "-"
+        via = ""
+        if upstream.connect_to is not None:
+            via += f", connecting to {upstream.connect_to[0]}:{upstream.connect_to[1]}"
+        if upstream.egress is not None:
+            via += f", through egress proxy {upstream.egress.url}"  # the password hidden
         log.info(
-            "route %s%s -> %s (%s, %s, credentials: %s)",
+            "route %s%s -> %s (%s, %s, credentials: %s%s)",
             upstream.match_host or "",
             upstream.path_prefix,
             upstream.url,
             upstream.region or "no region",
             upstream.auth,
             creds,
+            via,
         )
 
 

@@ -95,7 +95,8 @@ class Metrics:
         )
         self.upstream_errors = Counter(
             "sigproxy_upstream_errors",
-            "Failed upstream exchanges by kind (connect, tls, timeout, protocol, closed, busy).",
+            "Failed upstream exchanges by kind "
+            "(connect, tls, proxy, timeout, protocol, closed, busy).",
             ["upstream", "kind"],
             registry=r,
         )
@@ -110,6 +111,13 @@ class Metrics:
             "Upstream refusals of a request sigproxy sent (401/403 with an x-amzn-ErrorType), "
             "by upstream and diagnosis (invalid-signature, signature-expired, "
             "unrecognized-client, expired-token, access-denied, not-signed).",
+            ["upstream", "reason"],
+            registry=r,
+        )
+        self.upstream_retries = Counter(
+            "sigproxy_upstream_retries",
+            "Upstream attempts after the first, by upstream and reason (connect, tls, proxy, "
+            "timeout, 429, 502, 503, 504, credentials, clock).",
             ["upstream", "reason"],
             registry=r,
         )

@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import random
 import re
 import socket
 import struct
@@ -55,6 +56,7 @@ from .inbound import (
 )
 from .logs import printable
 from .metrics import NO_UPSTREAM, Metrics
+from .retries import Budget, Plan, failure_reason, retry_after, status_reason
 from .routing import Route, RouteTable, Target
 from .signing import EMPTY_SHA256, Credentials
 from .upstream import UpstreamClient, UpstreamError, UpstreamResponse
@@ -107,6 +109,7 @@ class Proxy:
         self.bodies = MemoryBudget(table.config.limits.body_memory_bytes)
         self._warned: dict[tuple[str, str], float] = {}
         self._poller: asyncio.Task[None] | None = None
+        self._budgets: dict[str, Budget] = {}
 
     def start(self) -> None:
         """Start following the credentials' sources (files, logins, expiry) in the
@@ -320,35 +323,87 @@ class Proxy:
         body: bytes,
         outcome: _Outcome,
     ) -> tuple[UpstreamResponse, _Refused | None]:
-        """Sign, send, and read a refusal. A refusal that credentials from the source
-        or a corrected clock can cure is sent once more, signed afresh: the service
-        refused it before running the function, so this is safe for every method."""
+        """Sign, send, and read a refusal; try again what :mod:`sigproxy.retries` says
+        may be, each attempt signed afresh. A refusal that credentials from the source or
+        a corrected clock can cure is sent once more too: the service refused it before
+        running the function, so this is safe for every method."""
         target = route.target
+        name = target.upstream.name
         digest = hashlib.sha256(body).hexdigest() if body else EMPTY_SHA256
         unsigned = len(headers)
-        offset = target.signer.clock.offset
-        used = await self._sign(method, route, digest, headers)
-        up = await self._attempt(route, method, headers, body, outcome)
+        plan = Plan(target.upstream.retries)
+        budget = self._budgets.setdefault(name, Budget())
+        budget.active += 1
+        cured = False
+        retrying = False
         try:
-            refused = await self._refusal(target, up, used is not None)
-            if (
-                refused is None
-                or used is None
-                or not await self._cure(target, refused.refusal, used, offset)
-            ):
-                return up, refused
-        except BaseException:
-            up.release()
-            raise
-        up.release()
-        del headers[unsigned:]
-        await self._sign(method, route, digest, headers)
-        up = await self._attempt(route, method, headers, body, outcome)
-        try:
-            return up, await self._refusal(target, up, True)
-        except BaseException:
-            up.release()
-            raise
+            while True:
+                del headers[unsigned:]
+                offset = target.signer.clock.offset
+                used = await self._sign(method, route, digest, headers)
+                try:
+                    up = await self._attempt(route, method, headers, body, outcome)
+                except ProxyError as exc:
+                    if retrying:  # that retry is over
+                        budget.retrying -= 1
+                    reason = exc.retry
+                    retrying = reason is not None and await self._retry(
+                        plan, budget, name, reason, None
+                    )
+                    if not retrying:
+                        raise
+                    continue
+                if retrying:
+                    budget.retrying -= 1
+                    retrying = False
+                try:
+                    refused = await self._refusal(target, up, used is not None)
+                    known = refused is not None and refused.refusal is not _NOT_A_REFUSAL
+                    if known and used is not None and not cured:
+                        assert refused is not None
+                        cure = await self._cure(target, refused.refusal, used, offset)
+                        if cure is not None:
+                            cured = True
+                            self.metrics.upstream_retries.labels(name, cure).inc()
+                            up.release()
+                            continue
+                    reason = None if known else status_reason(method, up.status)
+                    if reason is None:
+                        return up, refused
+                    after = retry_after(up.headers.get("Retry-After"), time.time())
+                    retrying = await self._retry(plan, budget, name, reason, after)
+                    if not retrying:
+                        return up, refused
+                except BaseException:
+                    up.release()
+                    raise
+                up.release()
+        finally:
+            budget.active -= 1
+            if retrying:
+                budget.retrying -= 1
+
+    async def _retry(
+        self, plan: Plan, budget: Budget, upstream: str, reason: str, after: float | None
+    ) -> bool:
+        """Wait before the next attempt and count it; False when there is none (the
+        attempts, the deadline or the budget are used up)."""
+        wait = plan.next_wait(reason, after, random.random)
+        if wait is None:
+            return False
+        if not budget.allows(plan.policy):
+            self._warn(
+                upstream,
+                "retry-budget",
+                f"upstream {upstream}: not retrying ({reason}): the retry budget is used up "
+                f"({budget.retrying} retries in flight for {budget.active} requests)",
+            )
+            return False
+        plan.retries += 1
+        budget.retrying += 1
+        self.metrics.upstream_retries.labels(upstream, reason).inc()
+        await asyncio.sleep(wait)
+        return True
 
     async def _sign(
         self, method: str, route: Route, digest: str, headers: list[tuple[str, str]]
@@ -357,6 +412,11 @@ class Proxy:
         ``auth: none`` upstream)."""
         target = route.target
         if target.credentials is None:
+            if target.upstream.content_sha256_header:
+                # CloudFront (Origin Access Control) signs this one itself, and needs the
+                # body's hash from the caller: the one the client sent may be wrong.
+                headers[:] = [h for h in headers if h[0].lower() != "x-amz-content-sha256"]
+                headers.append(("X-Amz-Content-SHA256", digest))
             return None
         creds = await target.credentials.get()
         t0 = time.perf_counter()
@@ -430,21 +490,21 @@ class Proxy:
 
     async def _cure(
         self, target: Target, refusal: Refusal, used: Credentials, offset: float
-    ) -> bool:
-        """Whether the refused request is worth sending again: the clock correction
-        changed since it was signed (with ``offset``), or the source has credentials
-        other than those refused (``used``)."""
+    ) -> str | None:
+        """Why the refused request is worth sending again (``clock``: the correction
+        changed since it was signed with ``offset``; ``credentials``: the source has
+        others than those refused, ``used``), or ``None``."""
         if refusal.diagnosis == SIGNATURE_EXPIRED:
             clock = target.signer.clock
             if refusal.server_time is not None and clock.measured(
                 refusal.server_time - time.time()
             ):
                 self._skewed(target, "a refused signature")
-            return clock.offset != offset
+            return "clock" if clock.offset != offset else None
         if not refusal.credentials_problem or target.credentials is None:
-            return False
+            return None
         if await target.credentials.renew(used) is None:
-            return False
+            return None
         name = target.upstream.name
         self._warn(
             name,
@@ -453,7 +513,7 @@ class Proxy:
             f"({refusal.diagnosis}): sending it again with the ones the source has now",
             logging.INFO,
         )
-        return True
+        return "credentials"
 
     def _skewed(self, target: Target, seen_in: str) -> None:
         clock = target.signer.clock
@@ -490,7 +550,9 @@ class Proxy:
             )
         except UpstreamError as exc:
             self._warn(upstream.name, str(exc), f"upstream {upstream.name}: {exc} ({exc.kind})")
-            raise upstream_failure(exc.kind, str(exc), upstream.name) from exc
+            failure = upstream_failure(exc.kind, str(exc), upstream.name)
+            failure.retry = failure_reason(exc.kind, exc.sent, getattr(exc, "status", None))
+            raise failure from exc
 
     def _warn(self, upstream: str, cause: str, line: str, level: int = logging.WARNING) -> None:
         """``line`` at WARNING (or ``level``), once a minute per upstream and cause: a
