@@ -60,10 +60,10 @@ def bind(host: str, port: int, what: str, reuse_port: bool = False) -> socket.so
     return sock
 
 
-def _log_listening(what: str, sock: socket.socket) -> None:
+def _log_listening(what: str, sock: socket.socket, scheme: str = "http") -> None:
     addr = sock.getsockname()
     shown = f"[{addr[0]}]" if sock.family == socket.AF_INET6 else addr[0]
-    log.info("%s listening on http://%s:%d", what, shown, addr[1])
+    log.info("%s listening on %s://%s:%d", what, scheme, shown, addr[1])
 
 
 class Supervisor:
@@ -107,7 +107,8 @@ class Supervisor:
                 sock.close()
             raise
         # Only now: "listening" means every listener is.
-        _log_listening("sigproxy", first)
+        # Plain sockets: each worker serves TLS on its own with the listen.tls files.
+        _log_listening("sigproxy", first, config.listen.scheme)
         if admin_sock is not None:
             _log_listening("admin", admin_sock)
         metrics_dir = tempfile.mkdtemp(prefix="sigproxy-metrics-")
