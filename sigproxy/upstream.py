@@ -209,6 +209,14 @@ def _proxy_failure(
             return ProxyFailed(
                 origin, f"{said} 407 Proxy Authentication Required for {target}: {advice}", 407
             )
+        if exc.status == 401 and proxy.authorization is not None:
+            # tinyproxy's BasicAuth answers 401 rather than 407.
+            return ProxyFailed(
+                origin,
+                f"{said} refused {target}: {exc.text} (check the user and password in the "
+                "proxy URL)",
+                401,
+            )
         if exc.status is not None:
             return ProxyFailed(origin, f"{said} refused {target}: {exc.text}", exc.status)
         return ProxyFailed(origin, f"{said} invalid answer to {target}: {exc.text}")

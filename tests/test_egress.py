@@ -112,6 +112,9 @@ class ConnectProxy:
         if self.mode == "refuse":
             writer.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
             return
+        if self.mode == "unauthorized":  # tinyproxy's BasicAuth answers 401, not 407
+            writer.write(b"HTTP/1.0 401 Unauthorized\r\nContent-Length: 0\r\n\r\n")
+            return
         if self.credentials is not None and headers.get("proxy-authorization") != self.credentials:
             writer.write(
                 b"HTTP/1.1 407 Proxy Authentication Required\r\n"
@@ -626,3 +629,23 @@ async def test_a_proxy_answer_that_is_not_a_tunnel_is_proxy_failed(
         server.close()
         await asyncio.wait_for(asyncio.gather(*handlers, return_exceptions=True), 5)
         await server.wait_closed()
+
+
+async def test_a_401_from_the_proxy_with_credentials_says_to_check_them(
+    connect_proxy: StartConnectProxy, function: FunctionUrl, pem: str, start_proxy: StartProxy
+) -> None:
+    """tinyproxy (checked by hand against tinyproxy 1.11.1 too) refuses wrong BasicAuth
+    credentials with 401 where the standard says 407."""
+    proxy = await connect_proxy(function.routes, "unauthorized")
+    url = proxy.url.replace("http://", "http://alice:wrong-never-LOGGED@")
+    running = await start_proxy(
+        yaml(f"{{name: fn, url: 'https://{FUNCTION_HOST}'}}", top=f"egress_proxy: '{url}'")
+    )
+    body = error(await raw_request(running.port, "GET", "/x"))
+    assert body["kind"] == "proxy"
+    assert body["detail"] == (
+        f"egress proxy http://***@127.0.0.1:{proxy.port}: refused CONNECT {FUNCTION_HOST}:443: "
+        "401 Unauthorized (check the user and password in the proxy URL)"
+    )
+    assert "wrong-never-LOGGED" not in json.dumps(body)
+    assert function.fake.requests == []
