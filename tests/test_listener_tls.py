@@ -470,11 +470,13 @@ async def test_failed_handshakes_give_their_place_back(upstream: FakeFunctionUrl
             for client in held:
                 assert (await client.get("/held"))[0] == 200
             await refused(served.port, good)
-            assert "refused a connection, 2 are open" in served.log()
-        finally:
+            # The line reaches the test through the process's stderr: wait for it.
+            await wait_for(lambda: "refused a connection, 2 are open" in served.log())
             held[0].close()
-        await served_again(served.port, good, "/freed")
-        held[1].close()
+            await served_again(served.port, good, "/freed")
+        finally:
+            for client in held:
+                client.close()
         assert await served.stop() == 0
 
 
