@@ -875,6 +875,7 @@ def with_egress(config: Config, environ: Mapping[str, str] | None = None) -> Con
             url.port or (443 if upstream.scheme == "https" else 80),
             env,
             f"upstreams[{i}]",
+            upstream.connect_to,
         )
         upstreams.append(dataclasses.replace(upstream, egress=proxy))
     return dataclasses.replace(config, upstreams=tuple(upstreams))

@@ -7,7 +7,8 @@ ones, ``all_proxy``/``ALL_PROXY`` for both, the lower-case form first; ``no_prox
 ``NO_PROXY`` lists hosts to reach directly (``*`` for all; a name matches itself and its
 subdomains, with or without a leading dot; an IP address or CIDR block matches addresses;
 ``host:port`` only that port). As in Go's net/http, the environment never sends loopback
-hosts (local emulators, tunnels) through a proxy. Pure: the environment is passed in.
+hosts (local emulators, tunnels) through a proxy; with ``connect_to``, the address dialled
+counts as well as the URL's host. Pure: the environment is passed in.
 """
 
 from __future__ import annotations
@@ -44,8 +45,13 @@ def parse_proxy_url(value: str, path: str) -> EgressProxy:
     try:
         parts = urlsplit(text)
         port = parts.port
-    except ValueError as exc:
-        raise ConfigError(path, f"is not a valid proxy URL: {exc}") from None
+    except ValueError:
+        # urlsplit's own words may quote the password: never pass them on.
+        raise ConfigError(
+            path,
+            "is not a valid proxy URL: http://[user:password@]host:port, with a port number "
+            "(percent-encode / # ? @ in the user or password)",
+        ) from None
     scheme = parts.scheme.lower()
     if scheme != "http":
         raise ConfigError(
@@ -70,12 +76,19 @@ def parse_proxy_url(value: str, path: str) -> EgressProxy:
 
 
 def from_environment(
-    scheme: str, host: str, port: int, environ: Mapping[str, str]
+    scheme: str,
+    host: str,
+    port: int,
+    environ: Mapping[str, str],
+    connect_to: tuple[str, int] | None = None,
 ) -> tuple[str, str] | None:
     """(variable name, value) of the environment's proxy for this upstream, or ``None``
-    to connect directly."""
-    if is_loopback(host) or bypassed(host, port, _first(environ, "no_proxy")):
-        return None
+    to connect directly: when the URL's host, or the ``connect_to`` address that is
+    dialled instead, is loopback or in ``no_proxy``."""
+    no_proxy = _first(environ, "no_proxy")
+    for name, number in [(host, port)] + ([connect_to] if connect_to else []):
+        if is_loopback(name) or bypassed(name, number, no_proxy):
+            return None
     for name in (f"{scheme}_proxy", "all_proxy"):
         for variable in (name, name.upper()):
             value = environ.get(variable, "").strip()
@@ -136,6 +149,7 @@ def resolve(
     port: int,
     environ: Mapping[str, str],
     where: str,
+    connect_to: tuple[str, int] | None = None,
 ) -> EgressProxy | None:
     """The proxy an upstream's connections go through: its own ``egress_proxy``, else
     the global one, else the environment's; ``none`` at either level means directly.
@@ -148,7 +162,7 @@ def resolve(
         if global_setting == NONE:
             return None
         return parse_proxy_url(global_setting, "egress_proxy")
-    found = from_environment(scheme, host, port, environ)
+    found = from_environment(scheme, host, port, environ, connect_to)
     if found is None:
         return None
     variable, value = found

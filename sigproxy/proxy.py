@@ -346,12 +346,11 @@ class Proxy:
                 except ProxyError as exc:
                     if retrying:  # that retry is over
                         budget.retrying -= 1
-                    reason = exc.retry
-                    retrying = reason is not None and await self._retry(
-                        plan, budget, name, reason, None
-                    )
-                    if not retrying:
+                        retrying = False
+                    wait = self._may_retry(plan, budget, name, exc.retry, None)
+                    if wait is None:
                         raise
+                    retrying = await self._backoff(plan, budget, name, exc.retry, wait)
                     continue
                 if retrying:
                     budget.retrying -= 1
@@ -368,29 +367,36 @@ class Proxy:
                             up.release()
                             continue
                     reason = None if known else status_reason(method, up.status)
-                    if reason is None:
-                        return up, refused
                     after = retry_after(up.headers.get("Retry-After"), time.time())
-                    retrying = await self._retry(plan, budget, name, reason, after)
-                    if not retrying:
+                    wait = self._may_retry(plan, budget, name, reason, after)
+                    if wait is None:
                         return up, refused
                 except BaseException:
                     up.release()
                     raise
+                # Not held while waiting: another request may use the connection.
                 up.release()
+                retrying = await self._backoff(plan, budget, name, reason, wait)
         finally:
             budget.active -= 1
             if retrying:
                 budget.retrying -= 1
 
-    async def _retry(
-        self, plan: Plan, budget: Budget, upstream: str, reason: str, after: float | None
-    ) -> bool:
-        """Wait before the next attempt and count it; False when there is none (the
-        attempts, the deadline or the budget are used up)."""
+    def _may_retry(
+        self,
+        plan: Plan,
+        budget: Budget,
+        upstream: str,
+        reason: str | None,
+        after: float | None,
+    ) -> float | None:
+        """The wait before trying again for ``reason``, or ``None``: no reason, or the
+        attempts, the deadline or the budget are used up."""
+        if reason is None:
+            return None
         wait = plan.next_wait(reason, after, random.random)
         if wait is None:
-            return False
+            return None
         if not budget.allows(plan.policy):
             self._warn(
                 upstream,
@@ -398,11 +404,22 @@ class Proxy:
                 f"upstream {upstream}: not retrying ({reason}): the retry budget is used up "
                 f"({budget.retrying} retries in flight for {budget.active} requests)",
             )
-            return False
-        plan.retries += 1
+            return None
+        return wait
+
+    async def _backoff(
+        self, plan: Plan, budget: Budget, upstream: str, reason: str | None, wait: float
+    ) -> bool:
+        """Wait, holding a place in the budget that a client leaving gives back; the
+        retry is counted once it goes ahead. Returns True: a retry is now in flight."""
         budget.retrying += 1
-        self.metrics.upstream_retries.labels(upstream, reason).inc()
-        await asyncio.sleep(wait)
+        try:
+            await asyncio.sleep(wait)
+        except BaseException:
+            budget.retrying -= 1
+            raise
+        plan.retries += 1
+        self.metrics.upstream_retries.labels(upstream, reason or "").inc()
         return True
 
     async def _sign(

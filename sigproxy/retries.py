@@ -3,9 +3,10 @@ retries from multiplying an outage. Pure: the proxy owns the I/O and the clock.
 
 What is retried (each attempt signed afresh by the proxy):
 
-* a connection that failed before anything was sent (connect, TLS, the egress proxy, a
-  connect timeout): every method, since the upstream never saw the request; not a
-  tunnel the egress proxy refused with a status (407, 403: its configuration);
+* a connection that failed before anything was sent (connect, TLS, a connection cut
+  during the handshake, the egress proxy, a connect timeout): every method, since the
+  upstream never saw the request; not a tunnel the egress proxy refused with 407, 403 or
+  another status that is its configuration (502, 503, 504 from it are retried);
 * ``429``: Lambda refused before invoking the function (concurrency exhausted): every
   method, after ``Retry-After`` when the answer gives one;
 * ``502``, ``503``, ``504``: only idempotent methods, since the function may have run;
@@ -29,7 +30,10 @@ from .config import Retries
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # Transport failure kinds (sigproxy.upstream) worth another try when the request never
 # left: not "busy", sigproxy's own pool being full.
-NOT_SENT = frozenset({"connect", "tls", "proxy", "timeout"})
+NOT_SENT = frozenset({"connect", "tls", "proxy", "timeout", "closed"})
+# An egress proxy that could not reach the Function URL this time (Squid's answers to a
+# DNS or connect failure beyond it); any other refusal is its configuration.
+PROXY_TRANSIENT = frozenset({502, 503, 504})
 
 
 def status_reason(method: str, status: int) -> str | None:
@@ -44,8 +48,10 @@ def status_reason(method: str, status: int) -> str | None:
 def failure_reason(kind: str, sent: bool, proxy_status: int | None = None) -> str | None:
     """The retry reason for a transport failure of ``kind``, or ``None``: only when the
     request was never ``sent``, and not when the egress proxy refused the tunnel with a
-    status (a 407 or 403 is its configuration, not a passing failure)."""
-    if sent or kind not in NOT_SENT or proxy_status is not None:
+    status other than 502/503/504 (a 407 or 403 is its configuration, not chance)."""
+    if sent or kind not in NOT_SENT:
+        return None
+    if proxy_status is not None and proxy_status not in PROXY_TRANSIENT:
         return None
     return kind
 
@@ -55,7 +61,7 @@ def retry_after(value: str | None, now: float) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # str.isdigit() takes "²" too
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value).timestamp()

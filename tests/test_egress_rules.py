@@ -163,3 +163,19 @@ def test_the_proxy_password_is_in_no_repr() -> None:
     assert "pw-never-LOGGED" not in repr(config)
     assert config.upstreams[0].egress is not None
     assert config.upstreams[0].egress.authorization is not None
+
+
+def test_connect_to_counts_for_the_environment() -> None:
+    env = {"HTTPS_PROXY": "http://corp:3128", "NO_PROXY": "10.0.0.0/8"}
+    assert from_environment("https", HOST, 443, env) == ("HTTPS_PROXY", "http://corp:3128")
+    # An SSH tunnel on loopback, a VPC endpoint the environment lists: reached directly.
+    assert from_environment("https", HOST, 443, env, ("127.0.0.1", 8443)) is None
+    assert from_environment("https", HOST, 443, env, ("10.0.12.34", 443)) is None
+    assert from_environment("https", HOST, 443, env, ("192.0.2.7", 443)) is not None
+
+
+@pytest.mark.parametrize("password", ["a/b", "a#b", "a?b"])
+def test_a_password_urlsplit_cannot_read_is_not_quoted(password: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_proxy_url(f"http://me:Hunter2{password}Secret@proxy:3128", "egress_proxy")
+    assert "Hunter2" not in str(info.value) and "Secret" not in str(info.value)

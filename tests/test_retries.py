@@ -53,14 +53,19 @@ def test_which_answers_are_retried(method: str, status: int, reason: str | None)
 
 
 def test_only_failures_before_sending_are_retried() -> None:
-    kinds = ("connect", "tls", "proxy", "timeout")
+    # Nothing sent: the connection or its handshake failed (or was cut).
+    kinds = ("connect", "tls", "proxy", "timeout", "closed")
     assert [failure_reason(k, False) for k in kinds] == list(kinds)
     for kind in kinds:
         assert failure_reason(kind, True) is None  # it went out: the function may have run
-    for kind in ("closed", "protocol", "busy"):
+    for kind in ("protocol", "busy"):
         assert failure_reason(kind, False) is None
-    # An egress proxy that refuses the tunnel (407, 403) is configuration, not chance.
-    assert failure_reason("proxy", False, 407) is None
+    # An egress proxy that refuses the tunnel (407, 403) is configuration, not chance;
+    # one that could not reach the Function URL this time (502/503/504) is retried.
+    for status in (401, 403, 407):
+        assert failure_reason("proxy", False, status) is None
+    for status in (502, 503, 504):
+        assert failure_reason("proxy", False, status) == "proxy"
 
 
 def test_retry_after() -> None:
