@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -225,14 +226,18 @@ class BoundedServer(Server):
         # Counted when a connection is accepted, not when aiohttp registers it a loop
         # turn later: a burst of accepts must not slip past the cap.
         self.open_connections = 0
+        self._warned = -60.0
 
     def __call__(self) -> RequestHandler:
         if self.open_connections >= self.limits.max_client_connections:
-            log.warning(
-                "%s: refused a connection, %d are open (limits.max_client_connections)",
-                self.what,
-                self.open_connections,
-            )
+            now = time.monotonic()
+            if now - self._warned >= 60.0:  # a flood must not write a line per connection
+                self._warned = now
+                log.warning(
+                    "%s: refused a connection, %d are open (limits.max_client_connections)",
+                    self.what,
+                    self.open_connections,
+                )
             return _Refuse(self.what)  # type: ignore[return-value]
         self.open_connections += 1
         return BoundedRequestHandler(self, loop=self._loop, **self._kwargs)
