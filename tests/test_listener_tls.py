@@ -13,9 +13,8 @@ import re
 import signal
 import socket
 import ssl
-import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from sigproxy.errors import ConfigError
 from .conftest import one_upstream
 from .support import FakeFunctionUrl, verify_sigv4
 from .test_operations import scrape, value
-from .test_process import ROOT, Served, creds_env, run_cli, write
+from .test_process import Served, creds_env, run_cli, serve_process, write
 
 # --- certificates -------------------------------------------------------------------
 
@@ -91,42 +90,9 @@ MTLS = "{cert: cert.pem, key: key.pem, client_ca: client-ca.pem}"
 # --- the process --------------------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def serve_tls(config_path: str, *args: str) -> AsyncIterator[Served]:
+def serve_tls(config_path: str, *args: str) -> contextlib.AbstractAsyncContextManager[Served]:
     """``sigproxy serve --port 0`` until it has logged its https:// and admin listeners."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sigproxy", "serve", "--config", config_path, "--port", "0", *args,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=creds_env(), cwd=ROOT,
-    )  # fmt: skip
-    assert proc.stderr is not None
-    lines: list[str] = []
-    port = admin_port = None
-    try:
-        while port is None or admin_port is None:
-            raw = await asyncio.wait_for(proc.stderr.readline(), 30)
-            if not raw:
-                raise AssertionError("sigproxy exited before listening:\n" + "".join(lines))
-            lines.append(raw.decode())
-            m = re.search(r"(sigproxy|admin) listening on (https?)://[^ ]+:(\d+)", lines[-1])
-            if m and m.group(1) == "sigproxy":
-                assert m.group(2) == "https", lines[-1]
-                port = int(m.group(3))
-            elif m:
-                assert m.group(2) == "http", lines[-1]  # the admin listener stays plain
-                admin_port = int(m.group(3))
-        served = Served(proc, port, lines, admin_port=admin_port)
-
-        async def drain() -> None:
-            assert proc.stderr is not None
-            async for raw in proc.stderr:
-                lines.append(raw.decode())
-
-        served.drain = asyncio.create_task(drain())
-        yield served
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+    return serve_process(config_path, *args, env=creds_env(), scheme="https")
 
 
 async def wait_for(predicate: Callable[[], bool], timeout: float = 15) -> None:

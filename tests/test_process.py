@@ -200,10 +200,11 @@ class Served:
 
 @contextlib.asynccontextmanager
 async def serve_process(
-    config_path: str, *args: str, env: dict[str, str] | None = None
+    config_path: str, *args: str, env: dict[str, str] | None = None, scheme: str = "http"
 ) -> AsyncIterator[Served]:
     """Run ``sigproxy serve`` until it has logged that it listens (proxy, and admin when
-    the config has it on), draining its stderr into ``Served.stderr``."""
+    the config has it on), draining its stderr into ``Served.stderr``. ``scheme`` is the
+    proxy listener's (https with listen.tls); the admin listener is always http."""
     with open(config_path) as fh:
         expect_admin = "admin: false" not in fh.read()
     proc = await asyncio.create_subprocess_exec(
@@ -224,11 +225,15 @@ async def serve_process(
             line = raw.decode()
             lines.append(line)
             # Any address (0.0.0.0, [::]): the tests connect to 127.0.0.1 all the same.
-            m = re.search(r"(sigproxy|admin) listening on http://(?:\[[^\]]*\]|[^/:]+):(\d+)", line)
+            m = re.search(
+                r"(sigproxy|admin) listening on (https?)://(?:\[[^\]]*\]|[^/:]+):(\d+)", line
+            )
             if m and m.group(1) == "sigproxy":
-                port = int(m.group(2))
+                assert m.group(2) == scheme, line
+                port = int(m.group(3))
             elif m:
-                admin_port = int(m.group(2))
+                assert m.group(2) == "http", line  # the admin listener stays plain
+                admin_port = int(m.group(3))
         served = Served(proc, port, lines, admin_port=admin_port)
 
         async def drain() -> None:
