@@ -45,6 +45,10 @@ _LOWER = Text(normalize=str.lower)
 
 AuthType = Literal["AWS_IAM", "NONE"]
 AUTH_TYPES: tuple[AuthType, ...] = ("AWS_IAM", "NONE")
+# The Function URL's InvokeMode: the whole result at once (6 MB), or a stream of chunks
+# sent as the function produces them (200 MB).
+InvokeMode = Literal["BUFFERED", "RESPONSE_STREAM"]
+INVOKE_MODES: tuple[InvokeMode, ...] = ("BUFFERED", "RESPONSE_STREAM")
 
 # Since October 2025 a Function URL call needs both actions on the function
 # (https://docs.aws.amazon.com/lambda/latest/dg/urls-auth.html).
@@ -100,6 +104,9 @@ class FunctionConfig:
     )
     port: int = key(0, Int(0, 65535))
     auth: AuthType = key("AWS_IAM", Choice(AUTH_TYPES))
+    invoke_mode: InvokeMode = key("BUFFERED", Choice(INVOKE_MODES))
+    """BUFFERED: the handler returns the response; RESPONSE_STREAM: it returns an
+    iterator (or async iterator) of chunks, sent as they come (see server.py)."""
     timeout: float = key(3.0, seconds)
     memory_mb: int = key(128, Int(128, 10240), yaml="memory")
     cors: Cors | None = key(None, OrNone(section(Cors)))

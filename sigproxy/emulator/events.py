@@ -14,7 +14,7 @@ import base64
 import binascii
 import datetime
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote_plus
@@ -26,6 +26,9 @@ _TEXT_TYPES = frozenset({"application/json", "application/xml", "application/jav
 # Buffered invoke payload limits, in bytes.
 MAX_REQUEST_BYTES = 6 * 1024 * 1024  # 6291456
 MAX_RESPONSE_BYTES = 6 * 1024 * 1024 + 100  # 6291556, as the service measures it
+# A streamed response (invoke_mode RESPONSE_STREAM) may reach 200 MB
+# (https://docs.aws.amazon.com/lambda/latest/dg/configuration-response-streaming.html).
+MAX_STREAM_RESPONSE_BYTES = 200 * 1024 * 1024
 
 
 class MalformedResult(Exception):
@@ -135,6 +138,10 @@ def query_parameters(raw_query: str) -> dict[str, str]:
 
 def map_result(result: Any) -> HttpResult:
     """What the client receives for a handler's return value."""
+    if isinstance(result, Iterator | AsyncIterator):
+        raise MalformedResult(
+            "the result is an iterator: a streamed response needs invoke_mode RESPONSE_STREAM"
+        )
     if isinstance(result, dict) and "statusCode" in result:
         return _custom_response(result)
     if isinstance(result, str):
@@ -148,28 +155,8 @@ def map_result(result: Any) -> HttpResult:
 
 
 def _custom_response(result: dict[str, Any]) -> HttpResult:
-    status = result["statusCode"]
-    if isinstance(status, str) and status.isdigit():
-        status = int(status)
-    if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
-        raise MalformedResult(f"statusCode {result['statusCode']!r} is not an HTTP status")
-    headers: list[tuple[str, str]] = []
-    raw_headers = result.get("headers") or {}
-    if not isinstance(raw_headers, dict):
-        raise MalformedResult("headers must be an object of strings")
-    for name, value in raw_headers.items():
-        if not isinstance(name, str) or isinstance(value, dict | list) or value is None:
-            raise MalformedResult(f"header {name!r} must have a string value")
-        text = str(value).lower() if isinstance(value, bool) else str(value)
-        if "\r" in text or "\n" in text or "\r" in name or "\n" in name:
-            raise MalformedResult(f"header {name!r} contains CR or LF")
-        headers.append((name, text))
-    if not any(name.lower() == "content-type" for name, _ in headers):
-        headers.append(("Content-Type", "application/json"))
-    cookies = result.get("cookies") or []
-    if not isinstance(cookies, list) or not all(isinstance(c, str) for c in cookies):
-        raise MalformedResult("cookies must be a list of strings")
-    headers.extend(("Set-Cookie", c) for c in cookies)
+    status = _status(result["statusCode"])
+    headers = _headers_and_cookies(result, "application/json")
     body = result.get("body")
     if body is None:
         data = b""
@@ -188,3 +175,43 @@ def _custom_response(result: dict[str, Any]) -> HttpResult:
         except (TypeError, ValueError) as exc:
             raise MalformedResult(f"body is not JSON serialisable: {exc}") from None
     return HttpResult(status, headers, data)
+
+
+def map_prelude(prelude: dict[str, Any]) -> HttpResult:
+    """The status and headers of a streamed response, from the dict a streaming handler
+    yields first (Node's ``awslambda.HttpResponseStream.from(stream, metadata)``):
+    ``statusCode`` (default 200), ``headers`` and ``cookies``. Without a Content-Type
+    the response is ``application/octet-stream``, as a Node stream's is."""
+    unknown = set(prelude) - {"statusCode", "headers", "cookies"}
+    if unknown:
+        raise MalformedResult(f"the prelude has unknown keys: {', '.join(sorted(unknown))}")
+    status = _status(prelude.get("statusCode", 200))
+    return HttpResult(status, _headers_and_cookies(prelude, "application/octet-stream"))
+
+
+def _status(value: Any) -> int:
+    status = int(value) if isinstance(value, str) and value.isdigit() else value
+    if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
+        raise MalformedResult(f"statusCode {value!r} is not an HTTP status")
+    return status
+
+
+def _headers_and_cookies(result: dict[str, Any], content_type: str) -> list[tuple[str, str]]:
+    headers: list[tuple[str, str]] = []
+    raw_headers = result.get("headers") or {}
+    if not isinstance(raw_headers, dict):
+        raise MalformedResult("headers must be an object of strings")
+    for name, value in raw_headers.items():
+        if not isinstance(name, str) or isinstance(value, dict | list) or value is None:
+            raise MalformedResult(f"header {name!r} must have a string value")
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        if "\r" in text or "\n" in text or "\r" in name or "\n" in name:
+            raise MalformedResult(f"header {name!r} contains CR or LF")
+        headers.append((name, text))
+    if not any(name.lower() == "content-type" for name, _ in headers):
+        headers.append(("Content-Type", content_type))
+    cookies = result.get("cookies") or []
+    if not isinstance(cookies, list) or not all(isinstance(c, str) for c in cookies):
+        raise MalformedResult("cookies must be a list of strings")
+    headers.extend(("Set-Cookie", c) for c in cookies)
+    return headers

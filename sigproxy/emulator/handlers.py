@@ -1,16 +1,18 @@
 """Loading a Python handler and invoking it the way the Lambda runtime does: a
-``context`` object, a timeout, sync handlers off the event loop and async ones awaited."""
+``context`` object, a timeout, sync handlers off the event loop and async ones awaited;
+for streamed responses, the handler's chunks one by one under the same timeout."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import importlib.util
 import inspect
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +83,11 @@ class LambdaContext:
         self.log_stream_name = self.log_stream_name or time.strftime("%Y/%m/%d/[$LATEST]local")
         self._deadline = time.monotonic() + self.timeout
 
+    @property
+    def deadline(self) -> float:
+        """When the invocation times out, on the ``time.monotonic()`` clock."""
+        return self._deadline
+
     def get_remaining_time_in_millis(self) -> int:
         return max(0, int((self._deadline - time.monotonic()) * 1000))
 
@@ -100,3 +107,72 @@ async def invoke(handler: Handler, event: dict[str, Any], context: LambdaContext
         return await asyncio.wait_for(coro, context.timeout)
     except TimeoutError:
         raise InvocationTimeout(f"Task timed out after {context.timeout:.2f} seconds") from None
+
+
+class NotAStream(Exception):
+    """A RESPONSE_STREAM handler returned something that is not a stream of chunks."""
+
+
+_END = object()
+
+
+async def _within(step: Awaitable[Any], context: LambdaContext) -> Any:
+    """``step``, unless the invocation's deadline passes first."""
+    try:
+        return await asyncio.wait_for(step, context.deadline - time.monotonic())
+    except TimeoutError:
+        raise InvocationTimeout(f"Task timed out after {context.timeout:.2f} seconds") from None
+
+
+async def invoke_stream(
+    handler: Handler, event: dict[str, Any], context: LambdaContext
+) -> AsyncGenerator[Any, None]:
+    """The items of a streaming handler's result, each as it is produced, all within
+    the function's timeout (InvocationTimeout once it passes).
+
+    The handler (plain, ``async def`` or an async generator function) returns an
+    iterator or async iterator; a sync iterator is advanced in a worker thread, so a
+    ``time.sleep`` between chunks does not stop the event loop. A returned str or bytes
+    is one chunk."""
+    loop = asyncio.get_running_loop()
+    if inspect.isasyncgenfunction(handler):
+        result = handler(event, context)
+    elif inspect.iscoroutinefunction(handler):
+        result = await _within(handler(event, context), context)
+    else:
+        result = await _within(loop.run_in_executor(None, handler, event, context), context)
+
+    if isinstance(result, str | bytes | bytearray | memoryview):
+        yield result
+    elif isinstance(result, AsyncIterator):
+        try:
+            while True:
+                try:
+                    item = await _within(anext(result), context)
+                except StopAsyncIteration:
+                    return
+                yield item
+        finally:
+            aclose = getattr(result, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(aclose(), 1.0)
+    elif isinstance(result, dict) or not isinstance(result, Iterator | list | tuple):
+        raise NotAStream(
+            f"invoke_mode RESPONSE_STREAM needs an iterator of chunks, got {type(result).__name__}"
+        )
+    else:
+        chunks = iter(result)
+        try:
+            while True:
+                item = await _within(loop.run_in_executor(None, next, chunks, _END), context)
+                if item is _END:
+                    return
+                yield item
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                # A generator still running in its thread (after a timeout) cannot be
+                # closed; it ends on its own, as an abandoned sync handler does.
+                with contextlib.suppress(Exception):
+                    close()

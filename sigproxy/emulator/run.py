@@ -26,10 +26,11 @@ async def run_emulator(config: EmulatorConfig) -> None:
             for r in running:
                 fn = r.function
                 log.info(
-                    "function %s (%s, AuthType %s, timeout %gs) at %s",
+                    "function %s (%s, AuthType %s, %s, timeout %gs) at %s",
                     fn.name,
                     fn.handler,
                     fn.auth,
+                    fn.invoke_mode,
                     fn.timeout,
                     r.url,
                 )

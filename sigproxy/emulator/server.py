@@ -1,19 +1,29 @@
 """Local Function URLs: one aiohttp server per function, doing what Lambda does with a
 request (CORS preflight, size limit, SigV4 for AWS_IAM, the resource policy, event,
 invoke, response). Every response carries a ``Date`` from the emulator's clock, so a
-client can measure its skew from a refusal as it would from the service's."""
+client can measure its skew from a refusal as it would from the service's.
+
+A RESPONSE_STREAM function's chunks go out as the handler produces them (chunked
+transfer encoding, one write per chunk). A failure before anything is sent is the usual
+502; after that, as with the service, the connection is cut: a timeout, an exception, a
+chunk that is not bytes or str, or a response past ``max_stream_bytes`` (200 MB) leaves
+the client with a chunked body that never ends cleanly."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import email.utils
 import json
 import logging
+import socket
+import struct
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -21,8 +31,25 @@ from multidict import CIMultiDict
 from ..logs import protect_secrets
 from .config import EmulatorConfig, FunctionConfig
 from .cors import is_preflight, preflight_headers, response_headers
-from .events import MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, MalformedResult, build_event, map_result
-from .handlers import Handler, InvocationTimeout, LambdaContext, invoke, load_handler
+from .events import (
+    MAX_REQUEST_BYTES,
+    MAX_RESPONSE_BYTES,
+    MAX_STREAM_RESPONSE_BYTES,
+    HttpResult,
+    MalformedResult,
+    build_event,
+    map_prelude,
+    map_result,
+)
+from .handlers import (
+    Handler,
+    InvocationTimeout,
+    LambdaContext,
+    NotAStream,
+    invoke,
+    invoke_stream,
+    load_handler,
+)
 from .sigv4 import MSG_MISSING, Caller, Identity, SignatureError, verify
 
 log = logging.getLogger("sigproxy.emulator")
@@ -44,8 +71,11 @@ class FunctionUrl:
         emulator: EmulatorConfig,
         handler: Handler,
         clock: Callable[[], datetime.datetime] | None = None,
+        *,
+        max_stream_bytes: int = MAX_STREAM_RESPONSE_BYTES,
     ) -> None:
         self.function = function
+        self.max_stream_bytes = max_stream_bytes
         self.emulator = emulator
         self.handler = handler
         self._callers = emulator.caller_map()
@@ -74,24 +104,32 @@ class FunctionUrl:
         ):
             return web.Response(status=200, headers=preflight_headers(fn.cors, origin))
 
-        response = await self._answer(request, request_id)
-        response.headers["x-amzn-RequestId"] = request_id
-        if fn.cors is not None:
-            for name, value in response_headers(fn.cors, origin):
-                response.headers.add(name, value)
-        return response
+        def finish(response: web.StreamResponse) -> web.StreamResponse:
+            response.headers["x-amzn-RequestId"] = request_id
+            if fn.cors is not None:
+                for name, value in response_headers(fn.cors, origin):
+                    response.headers.add(name, value)
+            return response
 
-    async def _answer(self, request: web.Request, request_id: str) -> web.Response:
+        return await self._answer(request, request_id, finish)
+
+    async def _answer(
+        self,
+        request: web.Request,
+        request_id: str,
+        finish: Callable[[web.StreamResponse], web.StreamResponse],
+    ) -> web.StreamResponse:
+        """The response, passed through ``finish`` (request id, CORS) before it is sent."""
         fn = self.function
         length = request.content_length
         if length is not None and length > MAX_REQUEST_BYTES:
-            return _too_large()
+            return finish(_too_large())
         chunks: list[bytes] = []
         size = 0
         async for chunk in request.content.iter_any():
             size += len(chunk)
             if size > MAX_REQUEST_BYTES:
-                return _too_large()
+                return finish(_too_large())
             chunks.append(chunk)
         body = b"".join(chunks)
 
@@ -120,7 +158,7 @@ class FunctionUrl:
                     exc.part,
                     exc.detail,
                 )
-                return _forbidden(exc)
+                return finish(_forbidden(exc))
             caller = identity.caller
         refused = _refused_by_policy(fn, caller)
         if refused is not None:
@@ -133,7 +171,7 @@ class FunctionUrl:
                 principal,
                 " and ".join(missing),
             )
-            return _access_denied()
+            return finish(_access_denied())
 
         # What the Function URL front end adds on its way to the function.
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _REPLACED]
@@ -166,19 +204,21 @@ class FunctionUrl:
         log.info("START RequestId: %s Version: $LATEST", request_id)
         started = time.perf_counter()
         try:
+            if fn.invoke_mode == "RESPONSE_STREAM":
+                return await self._stream(request, request_id, event, context, finish)
             try:
                 result = await invoke(self.handler, event, context)
             except InvocationTimeout as exc:
                 log.error("%s RequestId: %s Error: %s", fn.name, request_id, exc)
-                return _internal_error()
+                return finish(_internal_error())
             except Exception:
                 log.exception("%s RequestId: %s: the handler raised", fn.name, request_id)
-                return _internal_error()
+                return finish(_internal_error())
             try:
                 mapped = map_result(result)
             except MalformedResult as exc:
                 log.error("%s RequestId: %s: malformed result: %s", fn.name, request_id, exc)
-                return _internal_error()
+                return finish(_internal_error())
             if len(mapped.body) > MAX_RESPONSE_BYTES:
                 log.error(
                     "%s RequestId: %s: response of %d bytes is over the %d byte limit",
@@ -187,9 +227,11 @@ class FunctionUrl:
                     len(mapped.body),
                     MAX_RESPONSE_BYTES,
                 )
-                return _internal_error()
-            return web.Response(
-                status=mapped.status, body=mapped.body, headers=CIMultiDict(mapped.headers)
+                return finish(_internal_error())
+            return finish(
+                web.Response(
+                    status=mapped.status, body=mapped.body, headers=CIMultiDict(mapped.headers)
+                )
             )
         finally:
             elapsed_ms = (time.perf_counter() - started) * 1000
@@ -200,6 +242,137 @@ class FunctionUrl:
                 elapsed_ms,
                 fn.memory_mb,
             )
+
+    async def _stream(
+        self,
+        request: web.Request,
+        request_id: str,
+        event: dict[str, Any],
+        context: LambdaContext,
+        finish: Callable[[web.StreamResponse], web.StreamResponse],
+    ) -> web.StreamResponse:
+        """Send a RESPONSE_STREAM handler's chunks as they come. The head goes out with
+        the prelude, or else with the first chunk (200, application/octet-stream)."""
+        fn = self.function
+        response: web.StreamResponse | None = None
+        sent = 0
+        first = True
+        items = invoke_stream(self.handler, event, context)
+        try:
+            async for item in items:
+                if first and isinstance(item, dict):
+                    first = False
+                    response = await self._start(request, map_prelude(item), finish)
+                    continue
+                first = False
+                chunk = _chunk(item)
+                if not chunk:
+                    continue
+                if response is None:
+                    response = await self._start(request, _STREAM_HEAD, finish)
+                room = self.max_stream_bytes - sent
+                if len(chunk) > room:
+                    await response.write(chunk[:room])
+                    sent += room
+                    raise _OverLimit(self.max_stream_bytes)
+                await response.write(chunk)
+                sent += len(chunk)
+            if response is None:
+                response = await self._start(request, _STREAM_HEAD, finish)
+            await response.write_eof()
+            return response
+        except _ClientGone:
+            log.info(
+                "%s RequestId: %s: the client went away after %d bytes", fn.name, request_id, sent
+            )
+            return response or finish(_internal_error())
+        except Exception as exc:
+            if isinstance(exc, InvocationTimeout | _OverLimit):
+                log.error("%s RequestId: %s Error: %s", fn.name, request_id, exc)
+            elif isinstance(exc, MalformedResult | NotAStream):
+                log.error("%s RequestId: %s: malformed result: %s", fn.name, request_id, exc)
+            else:
+                log.exception("%s RequestId: %s: the handler raised", fn.name, request_id)
+            if response is None:
+                return finish(_internal_error())
+            log.error("%s RequestId: %s: stream cut after %d bytes", fn.name, request_id, sent)
+            _cut(request)
+            return response
+        finally:
+            await items.aclose()
+
+    async def _start(
+        self,
+        request: web.Request,
+        head: HttpResult,
+        finish: Callable[[web.StreamResponse], web.StreamResponse],
+    ) -> web.StreamResponse:
+        response = _ChunkWriter(status=head.status, headers=CIMultiDict(head.headers))
+        finish(response)
+        await response.prepare(request)
+        return response
+
+
+class _ClientGone(ConnectionResetError):
+    """The client closed its connection while the response was being sent (or the
+    stream was cut). A ConnectionError, so aiohttp's own closing write_eof after a cut
+    is handled as one."""
+
+
+class _OverLimit(Exception):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"streamed response is over the {limit} byte limit")
+
+
+class _ChunkWriter(web.StreamResponse):
+    """A streamed response whose writes raise :class:`_ClientGone` when the client has
+    left, so a ConnectionError the handler raises is not mistaken for one."""
+
+    async def prepare(self, request: web.BaseRequest) -> Any:
+        try:
+            return await super().prepare(request)
+        except ConnectionError as exc:
+            raise _ClientGone from exc
+
+    async def write(self, data: Any) -> None:
+        try:
+            await super().write(data)
+        except ConnectionError as exc:
+            raise _ClientGone from exc
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        try:
+            await super().write_eof(data)
+        except ConnectionError as exc:
+            raise _ClientGone from exc
+
+
+_STREAM_HEAD = HttpResult(200, [("Content-Type", "application/octet-stream")])
+
+
+def _chunk(item: Any) -> bytes:
+    if isinstance(item, str):
+        return item.encode()
+    if isinstance(item, bytes | bytearray | memoryview):
+        return bytes(item)
+    raise MalformedResult(f"a streamed chunk must be bytes or str, got {type(item).__name__}")
+
+
+def _cut(request: web.Request) -> None:
+    """End the connection without the chunked body's last chunk, as the service does
+    when a stream fails: every byte already written still arrives, then the close. An
+    HTTP/1.0 body ends with the connection, so there a reset (RST) marks it broken."""
+    transport = request.transport
+    if transport is None:
+        return
+    if request.version < (1, 1):
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()
+    else:
+        transport.close()
 
 
 _REPLACED = frozenset({"x-forwarded-for", "x-forwarded-port", "x-forwarded-proto"})
