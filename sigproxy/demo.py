@@ -1,6 +1,7 @@
 """``sigproxy demo``: the example functions as local Function URLs (AuthType AWS_IAM,
-throwaway keys made for this run) with sigproxy in front, signing with those keys; and
-one function whose resource policy refuses the demo's caller, to show that refusal."""
+throwaway keys made for this run) with sigproxy in front, signing with those keys; one
+function whose resource policy refuses the demo's caller, to show that refusal; and one
+that streams server-sent events (invoke_mode RESPONSE_STREAM) through sigproxy."""
 
 from __future__ import annotations
 
@@ -25,10 +26,15 @@ ROUTES = (
     ("/webhook", "webhook", "webhook.py"),
     ("/api", "router", "router.py"),
     ("/denied", "denied", "hello.py"),
+    ("/stream", "stream", "stream.py"),
+    ("/mcp", "mcp", "mcp_server.py"),
 )
 # The function whose resource policy grants the caller lambda:InvokeFunctionUrl only:
 # since October 2025 a Function URL also needs lambda:InvokeFunction, so IAM refuses it.
 DENIED = "denied"
+# The function that streams its response: 20 events 100 ms apart, well within 10 s.
+STREAM = "stream"
+STREAM_TIMEOUT = 10.0
 
 
 def examples_dir() -> Path:
@@ -68,6 +74,8 @@ async def run_demo(
                 name=name,
                 handler=f"{folder / file}:handler",
                 auth="AWS_IAM",
+                invoke_mode="RESPONSE_STREAM" if name == STREAM else "BUFFERED",
+                timeout=STREAM_TIMEOUT if name == STREAM else 3.0,
                 cors=Cors(allow_origins=("*",), allow_methods=("*",), allow_headers=("*",)),
                 allow=(
                     (Grant(principal=caller.user_arn, actions=("lambda:InvokeFunctionUrl",)),)
@@ -126,9 +134,16 @@ def _print_instructions(proxy: str, functions: dict[str, str]) -> None:
         for prefix, name, file in ROUTES
     )
     denied = "# refused by IAM (InvokeFunction missing): 403, X-Sigproxy-Diagnosis: access-denied"
+    stream = "# server-sent events, one every 100 ms, arriving one by one through sigproxy"
+    mcp = (
+        "curl -X POST -H 'Content-Type: application/json' "
+        '-H \'Accept: application/json, text/event-stream\' -d \'{"jsonrpc":"2.0","id":1,'
+        '"method":"tools/call","params":{"name":"add","arguments":{"a":2,"b":40}}}\' '
+        f"{proxy}/mcp    # an MCP server (examples/mcp_server.py): MCP clients use {proxy}/mcp"
+    )
     print(
         f"""
-sigproxy demo: a signing proxy in front of four local Function URLs (AuthType AWS_IAM).
+sigproxy demo: a signing proxy in front of six local Function URLs (AuthType AWS_IAM).
 No AWS account is involved: the functions accept only requests signed with throwaway keys
 made for this run, and sigproxy signs with those keys.
 
@@ -140,11 +155,13 @@ Try:
   curl -X POST -H 'Content-Type: application/json' -d '{{"order": 42}}' {proxy}/api/process
   {_webhook_curl(proxy)}
   curl -i '{proxy}/denied'    {denied}
+  curl -N '{proxy}/stream'    {stream}
+  {mcp}
 
 Browser: open {proxy}/hello?name=John
 Postman: GET {proxy}/hello?name=John with Authorization "No Auth" (sigproxy signs for you)
 
-Ctrl-C stops the proxy and the four functions.
+Ctrl-C stops the proxy and the six functions.
 """,
         flush=True,
     )

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import itertools
 import json
 import os
 import re
@@ -28,7 +29,7 @@ from sigproxy.demo import demo_caller
 from .support import drain_lines, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
-READY = "Ctrl-C stops the proxy and the four functions."
+READY = "Ctrl-C stops the proxy and the six functions."
 WEBHOOK_SECRET = b"demo-webhook-secret"
 DEMO_USER_ARN = "arn:aws:iam::123456789012:user/sigproxy-demo"
 
@@ -43,6 +44,15 @@ DENIED_BODY = {
     "Message": "Forbidden. For troubleshooting Function URL authorization issues, see: "
     "https://docs.aws.amazon.com/lambda/latest/dg/urls-auth.html"
 }
+STREAM_LINE = re.compile(
+    r"^\s*curl -N '(?P<proxy>http://[^' ]+)/stream'\s+# server-sent events, one every 100 ms, "
+    r"arriving one by one through sigproxy$"
+)
+STREAM_EVENTS = [f'data: {{"n": {n}}}' for n in range(20)]
+MCP_LINE = re.compile(
+    r"^\s*curl -X POST .*tools/call.* (?P<proxy>http://\S+)/mcp\s+# an MCP server "
+    r"\(examples/mcp_server.py\): MCP clients use (?P=proxy)/mcp$"
+)
 WEBHOOK_LINE = re.compile(
     r"^\s*curl -X POST .*X-Signature: sha256=[0-9a-f]{64}.* (?P<proxy>http://\S+)/webhook$"
 )
@@ -193,16 +203,25 @@ def assert_processed(payload: dict[str, Any]) -> None:
 
 def test_printed_instructions_are_consistent(demo: Demo) -> None:
     routes = demo.routes()
-    assert set(routes) == {"/hello", "/webhook", "/api", "/denied"}
-    assert {m["name"] for m in routes.values()} == {"hello", "webhook", "router", "denied"}
+    assert set(routes) == {"/hello", "/webhook", "/api", "/denied", "/stream", "/mcp"}
+    assert {m["name"] for m in routes.values()} == {
+        "hello",
+        "webhook",
+        "router",
+        "denied",
+        "stream",
+        "mcp",
+    }
     assert {m["proxy"] for m in routes.values()} == {demo.proxy}
     assert demo.line(POST_LINE)["proxy"] == demo.proxy
     assert demo.line(DENIED_LINE)["proxy"] == demo.proxy
+    assert demo.line(STREAM_LINE)["proxy"] == demo.proxy
+    assert any("six local Function URLs" in line for line in demo.printed)
     # The unsigned example goes to the hello function itself, not through the proxy.
     assert demo.hello_function == routes["/hello"]["function"]
     assert demo.hello_function != demo.proxy
     functions = {m["function"] for m in routes.values()}
-    assert len(functions) == 4 and demo.proxy not in functions
+    assert len(functions) == 6 and demo.proxy not in functions
     assert re.fullmatch(r"http://127\.0\.0\.1:\d+", demo.proxy)
 
 
@@ -233,7 +252,41 @@ async def test_printed_curl_commands_work_as_printed(demo: Demo, tmp_path: Path)
     assert status == 403, head
     assert re.search(r"(?mi)^x-amzn-ErrorType: AccessDeniedException\r?$", head), head
     assert body == DENIED_BODY
+
+    # Twenty events, all of them, through sigproxy.
+    stream = demo.line(STREAM_LINE).string
+    events = [e for e in (await run_printed(stream, tmp_path)).split("\n") if e]
+    assert events == STREAM_EVENTS
+
+    # A tools/call to the example MCP server, through sigproxy, signed.
+    mcp = demo.line(MCP_LINE).string
+    assert json.loads(await run_printed(mcp, tmp_path)) == {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "result": {"content": [{"type": "text", "text": "42"}], "isError": False},
+    }
     assert await demo.stop() == 0
+
+
+async def test_stream_events_arrive_spread_over_time_through_sigproxy(demo: Demo) -> None:
+    """sigproxy passes each event on as the function streams it: they do not arrive in a
+    lump at the end."""
+    arrived: list[tuple[float, bytes]] = []
+    async with aiohttp.ClientSession() as session:
+        started = asyncio.get_running_loop().time()
+        async with session.get(demo.proxy + "/stream") as resp:
+            assert resp.status == 200
+            assert resp.headers["Content-Type"] == "text/event-stream"
+            assert resp.headers.get("Transfer-Encoding") == "chunked"
+            async for line in resp.content:
+                if line.strip():
+                    arrived.append((asyncio.get_running_loop().time() - started, line))
+    assert [line.decode().strip() for _, line in arrived] == STREAM_EVENTS
+    times = [t for t, _ in arrived]
+    # The function takes 1.9 s (19 pauses of 100 ms).
+    assert times[0] < 1.0, times
+    assert times[-1] - times[0] >= 1.5, times
+    assert sum(1 for a, b in itertools.pairwise(times) if b - a > 0.05) >= 15, times
 
 
 async def test_printed_requests_without_curl(demo: Demo) -> None:

@@ -87,7 +87,7 @@ show_demo_log() {
 demo_pid=$!
 
 deadline=$((SECONDS + ready_timeout))
-until grep -q '^Ctrl-C stops the proxy and the four functions\.' "$work/demo.out"; do
+until grep -q '^Ctrl-C stops the proxy and the six functions\.' "$work/demo.out"; do
   if ! kill -0 "$demo_pid" 2>/dev/null; then
     echo "run-newman: sigproxy demo exited before it was ready" >&2
     show_demo_log
