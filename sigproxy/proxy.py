@@ -154,7 +154,13 @@ class Proxy:
         self.metrics.in_flight.inc()
         outcome = _Outcome()
         try:
-            return await self._proxy(request, self.table, request_id, outcome)
+            response = await self._proxy(request, self.table, request_id, outcome)
+            if "Transfer-Encoding" in request.headers:
+                # aiohttp's C parser can carry a chunked body's last trailer field into
+                # the next request it parses on this connection, as a header: the next
+                # request is read on a new connection (and parser) instead.
+                response.force_close()
+            return response
         except ProxyError as exc:
             return await self._refuse(request, exc, request_id, outcome)
         except (asyncio.CancelledError, ConnectionResetError):

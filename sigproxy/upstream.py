@@ -310,6 +310,12 @@ class UpstreamResponse:
             return
         pool = protocol.pool
         if pool is not None and self.content.is_eof() and protocol.reusable():
+            if "Transfer-Encoding" in self.headers:
+                # aiohttp's C parser can keep a chunked body's last trailer field pending
+                # and add it to the next response it parses: the next client's headers. A
+                # new parser for the next response on this connection; aiohttp's own
+                # client makes one per request.
+                protocol.chunked_before = True
             pool.put(protocol)
         else:
             protocol.discard()
@@ -321,6 +327,7 @@ class _Connection(ResponseHandler):
     (its parser is kept from one response to the next while they stay the same)."""
 
     params: tuple[bool, float | None] | None = None
+    chunked_before = False  # its last response was chunked: parse the next with a new parser
     pool: _Pool | None = None  # whose slot it holds; None once it is closed
     idle_since = 0.0
     # No request outstanding: whatever arrives now answers nothing that will be asked.
@@ -619,7 +626,8 @@ class UpstreamClient:
     ) -> UpstreamResponse:
         try:
             params = (method == "HEAD", read_timeout)
-            if protocol.params != params:
+            if protocol.params != params or protocol.chunked_before:
+                protocol.chunked_before = False
                 protocol.set_response_params(
                     skip_payload=params[0],
                     read_until_eof=True,

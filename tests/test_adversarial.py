@@ -480,18 +480,21 @@ async def test_pipelined_keepalive_requests(
         )
         await writer.drain()
         targets = []
-        for _ in range(4):
+        for _ in range(3):
             resp = await asyncio.wait_for(read_response(reader), 10)
             assert resp.status == 200
             targets.append(json.loads(resp.body)["target"])
+        # The chunked PUT's answer closes the connection: aiohttp's C parser could carry a
+        # chunked body's trailer into the next request as a header. The DELETE pipelined
+        # after it goes unanswered (and unsent), as HTTP allows; a client sends it again.
+        assert await asyncio.wait_for(reader.read(), 10) == b""
     finally:
         writer.close()
-    assert targets == ["/p1?z=1&a=2", "/p2", "/p3", "/p4"]
+    assert targets == ["/p1?z=1&a=2", "/p2", "/p3"]
     assert [(r.method, r.body) for r in upstream.requests] == [
         ("GET", b""),
         ("POST", b"abc"),
         ("PUT", b"hi"),
-        ("DELETE", b""),
     ]
     for rec in upstream.requests:
         verify_sigv4(rec, region="us-east-1")
