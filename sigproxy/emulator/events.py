@@ -186,6 +186,10 @@ def map_prelude(prelude: dict[str, Any]) -> HttpResult:
     if unknown:
         raise MalformedResult(f"the prelude has unknown keys: {', '.join(sorted(unknown))}")
     status = _status(prelude.get("statusCode", 200))
+    if status < 200:
+        # The prelude's status is the final answer: 1xx would leave the chunks after it
+        # outside any HTTP message.
+        raise MalformedResult(f"statusCode {status} in the prelude is not a final status")
     return HttpResult(status, _headers_and_cookies(prelude, "application/octet-stream"))
 
 

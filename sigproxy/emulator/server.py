@@ -270,6 +270,8 @@ class FunctionUrl:
                     continue
                 if response is None:
                     response = await self._start(request, _STREAM_HEAD, finish)
+                if request.method == "HEAD" or response.status in (204, 304):
+                    continue  # no body on the wire for these; the handler runs to its end
                 room = self.max_stream_bytes - sent
                 if len(chunk) > room:
                     await response.write(chunk[:room])
