@@ -373,6 +373,8 @@ class Proxy:
                             up.release()
                             continue
                     reason = None if known else status_reason(method, up.status)
+                    if reason is None:
+                        return up, refused
                     after = retry_after(up.headers.get("Retry-After"), time.time())
                     wait = self._may_retry(plan, budget, name, reason, after)
                     if wait is None:
