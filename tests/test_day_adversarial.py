@@ -47,6 +47,22 @@ def amz(epoch: float) -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(epoch))
 
 
+def expired_message(rec: Recorded, ahead: float) -> bytes | None:
+    """What a service whose clock is ``ahead`` seconds ahead says of ``rec``'s signature:
+    ``None`` when its time is within the five minutes, else the "Signature expired" body."""
+    server = time.time() + ahead
+    date = rec.header("X-Amz-Date") or ""
+    signed = datetime.datetime.strptime(date, "%Y%m%dT%H%M%SZ").replace(tzinfo=datetime.UTC)
+    if abs(signed.timestamp() - server) <= 300:
+        return None
+    return json.dumps(
+        {
+            "message": f"Signature expired: {date} is now earlier than "
+            f"{amz(server - 300)} ({amz(server)} - 5 min.)"
+        }
+    ).encode()
+
+
 def refuse(kind: str, body: bytes = UNRECOGNIZED, status: int = 403) -> web.Response:
     return web.Response(
         status=status,
@@ -433,17 +449,9 @@ async def test_a_chunked_signature_expired_refusal_still_corrects_the_clock(tmp_
     ahead = 600.0
 
     def respond(rec: Recorded) -> bytes | list[tuple[bytes, float]]:
-        server = time.time() + ahead
-        date = rec.header("X-Amz-Date") or ""
-        signed = datetime.datetime.strptime(date, "%Y%m%dT%H%M%SZ").replace(tzinfo=datetime.UTC)
-        if abs(signed.timestamp() - server) <= 300:
+        msg = expired_message(rec, ahead)
+        if msg is None:
             return http(200, [("Content-Length", 2)], b"ok")
-        msg = json.dumps(
-            {
-                "message": f"Signature expired: {date} is now earlier than "
-                f"{amz(server - 300)} ({amz(server)} - 5 min.)"
-            }
-        ).encode()
         head = http(
             403,
             [("x-amzn-ErrorType", "InvalidSignatureException"), ("Transfer-Encoding", "chunked")],
@@ -574,17 +582,9 @@ async def test_signature_expired_without_a_date_header_is_corrected_from_the_mes
     ahead = 600.0
 
     def respond(rec: Recorded) -> bytes:
-        server = time.time() + ahead
-        date = rec.header("X-Amz-Date") or ""
-        signed = datetime.datetime.strptime(date, "%Y%m%dT%H%M%SZ").replace(tzinfo=datetime.UTC)
-        if abs(signed.timestamp() - server) <= 300:
+        msg = expired_message(rec, ahead)
+        if msg is None:
             return http(200, [("Content-Length", 2)], b"ok")
-        msg = json.dumps(
-            {
-                "message": f"Signature expired: {date} is now earlier than "
-                f"{amz(server - 300)} ({amz(server)} - 5 min.)"
-            }
-        ).encode()
         return http(
             403,
             [("x-amzn-ErrorType", "InvalidSignatureException"), ("Content-Length", len(msg))],

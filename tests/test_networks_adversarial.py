@@ -28,6 +28,7 @@ from .test_egress import (  # fixtures and helpers, reused
     ConnectProxy,
     FunctionUrl,
     StartConnectProxy,
+    _pipe,
     assert_arrived_signed,
     ca,
     connect_proxy,
@@ -143,7 +144,7 @@ class Relay:
                 await reader.read(1)
                 return
             up_reader, up_writer = await asyncio.open_connection(*self.target)
-            await asyncio.gather(_copy(reader, up_writer), _copy(up_reader, writer))
+            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
         except (ConnectionError, asyncio.CancelledError):
             pass
         finally:
@@ -155,17 +156,6 @@ class Relay:
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
-
-
-async def _copy(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-    try:
-        while data := await src.read(1 << 16):
-            dst.write(data)
-            await dst.drain()
-    except ConnectionError:
-        pass
-    finally:
-        dst.close()
 
 
 @pytest.mark.parametrize("via", ["connect_to", "egress proxy"])
@@ -555,7 +545,7 @@ async def test_the_ways_proxies_say_200_to_connect(
         await writer.drain()
         await asyncio.sleep(0.05)
         writer.write(answer[7:])
-        await asyncio.gather(_copy(reader, up_writer), _copy(up_reader, writer))
+        await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
