@@ -402,7 +402,7 @@ class Proxy:
         attempts, the deadline or the budget are used up."""
         if reason is None:
             return None
-        wait = plan.next_wait(reason, after, random.random)
+        wait = plan.next_wait(after, random.random)
         if wait is None:
             return None
         if not budget.allows(plan.policy):

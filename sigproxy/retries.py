@@ -97,9 +97,7 @@ class Plan:
     started: float = field(default_factory=time.monotonic)
     retries: int = 0
 
-    def next_wait(
-        self, reason: str, after: float | None, random: Callable[[], float]
-    ) -> float | None:
+    def next_wait(self, after: float | None, random: Callable[[], float]) -> float | None:
         """The wait before the next attempt, or ``None`` when there is none: attempts
         or time are used up, or the upstream asks to wait past the deadline."""
         if self.retries + 1 >= self.policy.attempts:

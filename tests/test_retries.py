@@ -88,12 +88,12 @@ def test_full_jitter_backoff_is_bounded() -> None:
 
 def test_plan_stops_at_attempts_and_deadline() -> None:
     plan = Plan(Retries(attempts=3, backoff_base=0.0, backoff_max=0.0, deadline=5))
-    assert plan.next_wait("429", None, lambda: 0.5) == 0.0
+    assert plan.next_wait(None, lambda: 0.5) == 0.0
     plan.retries = 2
-    assert plan.next_wait("429", None, lambda: 0.5) is None  # three attempts made
+    assert plan.next_wait(None, lambda: 0.5) is None  # three attempts made
     plan.retries = 0
-    assert plan.next_wait("429", 6.0, lambda: 0.5) is None  # asked to wait past the deadline
-    assert plan.next_wait("429", 2.0, lambda: 0.5) == 2.0
+    assert plan.next_wait(6.0, lambda: 0.5) is None  # asked to wait past the deadline
+    assert plan.next_wait(2.0, lambda: 0.5) == 2.0
 
 
 def test_budget_is_a_share_of_requests_in_flight() -> None:
