@@ -508,9 +508,7 @@ class Proxy:
                 chunks.append(chunk)
                 size += len(chunk)
         except UpstreamError as exc:
-            name = target.upstream.name
-            self._warn(name, str(exc), f"upstream {name}: {exc} ({exc.kind})")
-            raise upstream_failure(exc.kind, str(exc), name) from exc
+            raise self._failed(target.upstream.name, exc) from exc
         return b"".join(chunks), False
 
     async def _cure(
@@ -574,10 +572,15 @@ class Proxy:
                 read_timeout=upstream.timeout.read,
             )
         except UpstreamError as exc:
-            self._warn(upstream.name, str(exc), f"upstream {upstream.name}: {exc} ({exc.kind})")
-            failure = upstream_failure(exc.kind, str(exc), upstream.name)
-            failure.retry = failure_reason(exc.kind, exc.sent, getattr(exc, "status", None))
-            raise failure from exc
+            raise self._failed(upstream.name, exc) from exc
+
+    def _failed(self, upstream: str, exc: UpstreamError) -> ProxyError:
+        """What the client is told of a failed exchange (and whether it may be retried);
+        the cause goes to the log once a minute."""
+        self._warn(upstream, str(exc), f"upstream {upstream}: {exc} ({exc.kind})")
+        failure = upstream_failure(exc.kind, str(exc), upstream)
+        failure.retry = failure_reason(exc.kind, exc.sent, getattr(exc, "status", None))
+        return failure
 
     def _warn(self, upstream: str, cause: str, line: str, level: int = logging.WARNING) -> None:
         """``line`` at WARNING (or ``level``), once a minute per upstream and cause: a
