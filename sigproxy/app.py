@@ -16,7 +16,7 @@ import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -26,6 +26,7 @@ from .admin import CredentialCollector, ServerState, admin_handler
 from .config import Config, ListenTls, check_exposure
 from .credentials import CredentialStore
 from .errors import ConfigError, CredentialsError, ListenError, listen_failure
+from .http1 import Connection, Http1Server
 from .logs import protect_secrets
 from .metrics import Metrics
 from .notify import Notifier
@@ -65,21 +66,22 @@ def create_proxy(
 def make_runner(
     proxy: Proxy, *, shutdown_timeout: float = 30.0, idle_timeout: float | None = None
 ) -> web.BaseRunner:
-    """A runner for the proxy port (see :class:`~sigproxy.protocol.ListenerRunner`): a
-    client that disconnects cancels its handler (and so its upstream request); aiohttp's
-    own access log (which would print query strings) is off in favour of sigproxy's;
-    request bodies are not decompressed; parser errors are answered in JSON; heads and
+    """A runner for the proxy port, served by :mod:`sigproxy.http1`: a client that
+    disconnects cancels its handler (and so its upstream request); request bodies pass
+    as they came (never decompressed); parser errors are answered in JSON; heads and
     connections are capped by ``limits``; a connection that sends no complete request
     head within ``idle_timeout`` seconds (default ``client_timeouts.header``) is closed.
     The proxy's upstream connections are closed by :meth:`Proxy.close`, after it."""
     config = proxy.table.config
-    return ListenerRunner(
+    server = Http1Server(
         proxy.handle,
-        what="proxy listener",
         limits=config.limits,
-        shutdown_timeout=shutdown_timeout,
+        what="proxy listener",
         header_timeout=config.client_timeouts.header if idle_timeout is None else idle_timeout,
     )
+    # aiohttp's runner and sites start and stop any protocol factory with pre_shutdown()
+    # and shutdown(): listeners, TLS and workers are set up as for the admin listener.
+    return web.ServerRunner(server, shutdown_timeout=shutdown_timeout)  # type: ignore[arg-type]
 
 
 def make_admin_runner(proxy: Proxy, state: ServerState) -> web.BaseRunner:
@@ -276,7 +278,7 @@ class TlsSite(web.BaseSite):
         server = self._runner.server
         assert server is not None
         protocol = server()
-        if not isinstance(protocol, RequestHandler):  # over the cap: logged by the server
+        if not isinstance(protocol, RequestHandler | Connection):  # over the cap: logged
             transport.abort()
             return
         transport.pause_reading()  # the ClientHello is for the TLS layer
@@ -285,7 +287,7 @@ class TlsSite(web.BaseSite):
         task.add_done_callback(self._handshakes.discard)
 
     async def _start_tls(
-        self, transport: asyncio.Transport, guard: _Handshake, protocol: RequestHandler
+        self, transport: asyncio.Transport, guard: _Handshake, protocol: RequestHandler | Connection
     ) -> None:
         tls = self._tls
         try:
@@ -327,8 +329,8 @@ class _Handshake(asyncio.Protocol):
         self._lost: tuple[Exception | None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._start(transport, self)
+        # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
+        self._start(cast(asyncio.Transport, transport), self)
 
     def hand_over(self, transport: asyncio.Transport, protocol: asyncio.Protocol) -> None:
         if self._lost is not None:

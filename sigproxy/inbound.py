@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
-
-from aiohttp import web
 
 from .config import Config, InboundAuth
 from .cors import CorsPolicy
@@ -24,6 +23,9 @@ from .errors import (
     UnsupportedCoding,
 )
 from .hosts import HostAllowList, hostname
+
+if TYPE_CHECKING:
+    from .http1 import Request
 
 CONNECT_HELP = (
     "sigproxy cannot sign inside a TLS tunnel: with CONNECT it would only see encrypted "
@@ -38,7 +40,7 @@ _SAFE_SITES = frozenset({"same-origin", "none"})
 _NAVIGATION_METHODS = frozenset({"GET", "HEAD"})
 
 
-def check_client(request: web.BaseRequest, config: Config) -> None:
+def check_client(request: Request, config: Config) -> None:
     if not config.allowed_clients:
         return
     try:
@@ -49,7 +51,7 @@ def check_client(request: web.BaseRequest, config: Config) -> None:
         raise Forbidden("this client address is not in allowed_clients", code="client_not_allowed")
 
 
-def check_host(request: web.BaseRequest, hosts: HostAllowList) -> None:
+def check_host(request: Request, hosts: HostAllowList) -> None:
     """Refuse a Host the proxy is not known by. Absolute-form requests (forward-proxy
     mode) are judged by their target's authority when they are routed."""
     if not request.raw_path.startswith("/"):
@@ -68,7 +70,7 @@ def check_host(request: web.BaseRequest, hosts: HostAllowList) -> None:
         )
 
 
-def check_method(request: web.BaseRequest, config: Config) -> None:
+def check_method(request: Request, config: Config) -> None:
     method = request.method
     if method == "CONNECT":
         raise MethodNotAllowed(CONNECT_HELP, headers={"Allow": ", ".join(config.allowed_methods)})
@@ -79,7 +81,7 @@ def check_method(request: web.BaseRequest, config: Config) -> None:
         )
 
 
-def check_framing(request: web.BaseRequest) -> None:
+def check_framing(request: Request) -> None:
     """Only ``chunked`` is a transfer coding sigproxy can pass on faithfully: a body
     de-chunked from ``gzip, chunked`` would lose its coding (RFC 9112 section 6.1)."""
     codings = request.headers.getall("Transfer-Encoding", ())
@@ -87,7 +89,7 @@ def check_framing(request: web.BaseRequest) -> None:
         raise UnsupportedCoding("the only transfer coding sigproxy accepts is chunked")
 
 
-def check_token(request: web.BaseRequest, auth: InboundAuth) -> None:
+def check_token(request: Request, auth: InboundAuth) -> None:
     """Constant-time check of the inbound token; the token is never echoed."""
     value = request.headers.get(auth.header, "")
     if auth.header.lower() == "authorization":
@@ -111,7 +113,7 @@ def check_token(request: web.BaseRequest, auth: InboundAuth) -> None:
         )
 
 
-def is_preflight(request: web.BaseRequest) -> bool:
+def is_preflight(request: Request) -> bool:
     """A CORS preflight, which browsers send without credentials or tokens."""
     headers = request.headers
     return (
@@ -121,9 +123,7 @@ def is_preflight(request: web.BaseRequest) -> bool:
     )
 
 
-def check_site(
-    request: web.BaseRequest, policy: CorsPolicy | None, *, allow_navigation: bool
-) -> None:
+def check_site(request: Request, policy: CorsPolicy | None, *, allow_navigation: bool) -> None:
     """Refuse what a web page on another origin makes a browser send (fetch, forms,
     links, images, frames), unless the upstream's CORS policy allows that origin."""
     headers = request.headers
@@ -146,7 +146,7 @@ def check_site(
     raise _refused()
 
 
-def _is_navigation(request: web.BaseRequest) -> bool:
+def _is_navigation(request: Request) -> bool:
     headers = request.headers
     if request.method not in _NAVIGATION_METHODS:
         return False

@@ -1,9 +1,9 @@
-"""The listeners' HTTP/1.1 layer, below any handler: bounds on what a client can make the
-process hold before it is admitted (the whole request head, open connections, the time
-to send a head), and JSON answers for requests aiohttp's parser refuses (malformed
-request lines and headers, oversized heads, conflicting Content-Length /
-Transfer-Encoding). Log lines name the problem without quoting the raw bytes (which may
-hold query values).
+"""The admin listener's HTTP/1.1 layer, below its handler (the proxy port has its own,
+:mod:`sigproxy.http1`): bounds on what a client can make the process hold before it is
+admitted (the whole request head, open connections, the time to send a head), and JSON
+answers for requests aiohttp's parser refuses (malformed request lines and headers,
+oversized heads, conflicting Content-Length / Transfer-Encoding). Log lines name the
+problem without quoting the raw bytes (which may hold query values).
 
 This is the one module that reaches into aiohttp's server protocol (``RequestHandler``'s
 message queue); ``tests/test_aiohttp_contract.py`` pins the surface it uses.
@@ -16,6 +16,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import cast
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
@@ -209,7 +210,7 @@ class _Refuse(asyncio.Protocol):
         )
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
         head = _TOO_MANY + b"Content-Length: %d\r\n\r\n" % len(self._body)
         transport.write(head + self._body)
         transport.close()

@@ -16,13 +16,8 @@ import logging
 import os
 import random
 import re
-import socket
-import struct
 import time
 from dataclasses import dataclass
-
-from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 
 from .canonical import split_target
 from .config import Config
@@ -45,6 +40,7 @@ from .errors import (
     upstream_failure,
 )
 from .headers import Client, request_headers, response_headers
+from .http1 import BodyError, Request
 from .inbound import (
     check_client,
     check_framing,
@@ -67,7 +63,6 @@ access_log = logging.getLogger("sigproxy.access")
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 # Status recorded (never sent) when the client disconnected, as nginx does.
 CLIENT_GONE = 499
-_LINGER_ZERO = struct.pack("ii", 1, 0)
 _WARN_EVERY = 60.0  # seconds between log lines for the same upstream failure
 
 
@@ -147,37 +142,35 @@ class Proxy:
             self._poller = None
         await self.client.close()
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        """aiohttp handler for every request on the proxy port."""
+    async def handle(self, request: Request) -> None:
+        """Answer one request on the proxy port (:mod:`sigproxy.http1` calls it)."""
         started = time.perf_counter()
         request_id = _request_id(request)
         self.metrics.in_flight.inc()
         outcome = _Outcome()
         try:
-            response = await self._proxy(request, self.table, request_id, outcome)
-            if "Transfer-Encoding" in request.headers:
-                # aiohttp's C parser can carry a chunked body's last trailer field into
-                # the next request it parses on this connection, as a header: the next
-                # request is read on a new connection (and parser) instead.
-                response.force_close()
-            return response
+            await self._proxy(request, self.table, request_id, outcome)
         except ProxyError as exc:
-            return await self._refuse(request, exc, request_id, outcome)
-        except (asyncio.CancelledError, ConnectionResetError):
+            await self._refuse(request, exc, request_id, outcome)
+        except (asyncio.CancelledError, ConnectionError):
             outcome.status = CLIENT_GONE
             raise
         except Exception:
             outcome.status = 500
             log.exception("request %s: unexpected error", request_id)
             self.metrics.proxy_errors.labels("internal").inc()
-            body = error_body("internal_error", "sigproxy failed unexpectedly", request_id)
-            return _json_response(500, body, {"X-Request-Id": request_id})
+            if request.started:
+                request.reset()
+            else:
+                body = error_body("internal_error", "sigproxy failed unexpectedly", request_id)
+                request.force_close()
+                await _json_response(request, 500, body, {"X-Request-Id": request_id})
         finally:
             self._account(request, request_id, outcome, time.perf_counter() - started)
 
     async def _proxy(
-        self, request: web.BaseRequest, table: RouteTable, request_id: str, outcome: _Outcome
-    ) -> web.StreamResponse:
+        self, request: Request, table: RouteTable, request_id: str, outcome: _Outcome
+    ) -> None:
         config = table.config
         # Admission: who and what, before anything is routed, read or told.
         check_client(request, config)
@@ -190,7 +183,8 @@ class Proxy:
         if is_preflight(request):
             # Browsers send preflights without credentials: answered here, before the
             # token, never forwarded or signed, and telling nothing about other routes.
-            return self._preflight(request, table, request_id, outcome)
+            await self._preflight(request, table, request_id, outcome)
+            return
         if config.inbound_auth is not None:
             check_token(request, config.inbound_auth)
 
@@ -214,13 +208,13 @@ class Proxy:
             self.bodies.release(held)
             del body
         try:
-            return await self._relay(request, target, up, request_id, outcome, refused)
+            await self._relay(request, target, up, request_id, outcome, refused)
         finally:
             up.release()
 
-    def _preflight(
-        self, request: web.BaseRequest, table: RouteTable, request_id: str, outcome: _Outcome
-    ) -> web.Response:
+    async def _preflight(
+        self, request: Request, table: RouteTable, request_id: str, outcome: _Outcome
+    ) -> None:
         """Answer a CORS preflight. Preflights come without tokens, so a refused one tells
         nothing about routes: a path with no route, an upstream without a cors section
         and an origin the policy does not list all get the same answer."""
@@ -246,14 +240,9 @@ class Proxy:
         if isinstance(granted, str):
             raise Forbidden(f"CORS preflight refused: {granted}", code="cors_refused")
         outcome.status = 204
-        resp = web.Response(status=204, headers={"X-Request-Id": request_id})
-        for name, value in granted:
-            resp.headers.add(name, value)
-        return resp
+        await request.respond(204, [("X-Request-Id", request_id), *granted])
 
-    async def _receive(
-        self, request: web.BaseRequest, limit: int, config: Config
-    ) -> tuple[bytes, int]:
+    async def _receive(self, request: Request, limit: int, config: Config) -> tuple[bytes, int]:
         """The whole request body and the bytes of the memory budget it holds (the
         caller releases them). ``100 Continue`` is sent only now, when the body is
         wanted: after admission, routing and the length check."""
@@ -272,16 +261,13 @@ class Proxy:
                 raise _over_capacity()
             held = length
         try:
-            content = request.content
-            if length is not None and content.is_eof():
-                return content.read_nowait(), held  # it came with the request head
-            if "Expect" in request.headers and request.version >= (1, 1):
-                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-                request.writer.output_size = 0
+            if length is not None and request.complete:
+                return request.read_buffered(), held  # it came with the request head
+            await request.send_continue()
             chunks: list[bytes] = []
             size = 0
             async with asyncio.timeout(config.client_timeouts.body):
-                async for chunk in content.iter_any():
+                while chunk := await request.read_chunk():
                     size += len(chunk)
                     if size > limit:
                         raise BodyTooLarge(
@@ -298,7 +284,7 @@ class Proxy:
             raise RequestTimeout(
                 f"the request body did not arrive within {config.client_timeouts.body:g} seconds"
             ) from None
-        except HttpProcessingError:
+        except BodyError:
             budget.release(held)
             raise BadRequest(
                 "the request body's chunked framing or trailers are malformed"
@@ -309,7 +295,7 @@ class Proxy:
 
     @staticmethod
     def _headers(
-        request: web.BaseRequest, target: Target, config: Config, request_id: str
+        request: Request, target: Target, config: Config, request_id: str
     ) -> list[tuple[str, str]]:
         upstream = target.upstream
         return request_headers(
@@ -596,13 +582,13 @@ class Proxy:
 
     async def _relay(
         self,
-        request: web.BaseRequest,
+        request: Request,
         target: Target,
         up: UpstreamResponse,
         request_id: str,
         outcome: _Outcome,
         refused: _Refused | None = None,
-    ) -> web.StreamResponse:
+    ) -> None:
         """Send the upstream's answer to the client: at once when it is whole in memory,
         else streamed as it arrives. A refusal gets ``X-Sigproxy-Diagnosis``."""
         length = up.content_length
@@ -619,48 +605,39 @@ class Proxy:
                 and up.complete
             )
         # The upstream's reason phrase is not passed on: the status says it all, and a
-        # phrase with control bytes would not survive the trip. A body that came with the
-        # head goes out with the headers in one write, where streaming costs one each.
-        typed = "Content-Type" in up.headers
-        kinds = (web.Response, web.StreamResponse) if typed else (_UntypedBody, _UntypedStream)
-        response = kinds[0 if whole else 1](status=up.status)
+        # phrase with control bytes would not survive the trip. No Content-Type is
+        # invented for a body that came without one.
         kept, undecodable = response_headers(up.headers.items(), cors=target.cors is not None)
         for name in undecodable:
             log.warning("request %s: dropped upstream header %s: not valid UTF-8", request_id, name)
-        response.headers.extend(kept)
         if target.cors is not None:
-            for name, value in target.cors.response_headers(request.headers.get("Origin")):
-                response.headers.add(name, value)
-        response.headers["X-Request-Id"] = request_id
+            kept.extend(target.cors.response_headers(request.headers.get("Origin")))
+        kept.append(("X-Request-Id", request_id))
         if refused is not None and refused.refusal is not _NOT_A_REFUSAL:
-            response.headers[DIAGNOSIS_HEADER] = refused.refusal.diagnosis
+            kept.append((DIAGNOSIS_HEADER, refused.refusal.diagnosis))
         outcome.status = CLIENT_GONE
         if whole:
-            assert isinstance(response, web.Response)
-            response.body = read if read is not None else up.read_buffered()
+            # A body that came with the head goes out with the headers in one write,
+            # where streaming costs one each.
+            body = read if read is not None else up.read_buffered()
             try:
-                await response.prepare(request)
-                await response.write_eof()
+                await request.respond(up.status, kept, body)
             except ConnectionError:
-                return response
-            outcome.status, outcome.sent = up.status, len(response.body)
-            return response
-        if sized:
-            response.content_length = length
+                return
+            outcome.status, outcome.sent = up.status, len(body)
+            return
         try:
-            await response.prepare(request)
+            await request.start(up.status, kept, length if sized else None)
         except ConnectionError:
-            return response
+            return
         outcome.sent, outcome.status = await self._stream(
-            request, up, response, target.upstream.name, request_id, read or b""
+            request, up, target.upstream.name, request_id, read or b""
         )
-        return response
 
     async def _stream(
         self,
-        request: web.BaseRequest,
+        request: Request,
         up: UpstreamResponse,
-        response: web.StreamResponse,
         upstream: str,
         request_id: str,
         start: bytes = b"",
@@ -670,7 +647,7 @@ class Proxy:
         sent = 0
         if start:
             try:
-                await response.write(start)
+                await request.write(start)
             except ConnectionError:
                 return sent, CLIENT_GONE
             sent = len(start)
@@ -688,25 +665,25 @@ class Proxy:
                     sent,
                     exc,
                 )
-                _reset(request)
+                request.reset()
                 return sent, up.status
             if not chunk:
                 break
             try:
-                await response.write(chunk)
+                await request.write(chunk)
             except ConnectionError:
                 log.debug("request %s: client went away after %d bytes", request_id, sent)
                 return sent, CLIENT_GONE
             sent += len(chunk)
         try:
-            await response.write_eof()
+            await request.end()
         except ConnectionError:
             return sent, CLIENT_GONE
         return sent, up.status
 
     async def _refuse(
-        self, request: web.BaseRequest, exc: ProxyError, request_id: str, outcome: _Outcome
-    ) -> web.StreamResponse:
+        self, request: Request, exc: ProxyError, request_id: str, outcome: _Outcome
+    ) -> None:
         outcome.status = exc.status
         outcome.error = exc.code
         self.metrics.proxy_errors.labels(exc.reason).inc()
@@ -714,20 +691,26 @@ class Proxy:
             kind = exc.extra.get("kind", "connect")
             self.metrics.upstream_errors.labels(outcome.upstream, kind).inc()
         body = error_body(exc.code, exc.message, request_id, **exc.extra)
-        resp = _json_response(exc.status, body, {**exc.headers, "X-Request-Id": request_id})
+        headers = {**exc.headers, "X-Request-Id": request_id}
+        extra: list[tuple[str, str]] = []
         if outcome.cors is not None and exc.code != "cors_refused":
             # So a page allowed to call the upstream can read why it failed.
-            for name, value in outcome.cors.response_headers(request.headers.get("Origin")):
-                resp.headers.add(name, value)
+            extra = outcome.cors.response_headers(request.headers.get("Origin"))
         outcome.sent = len(body)
-        if exc.closes or (request.body_exists and not request.content.is_eof()):
+        if exc.closes or not request.complete:
             # Refused before its body was read (or while it was): nothing more is taken
             # from this client, and the connection closes after the answer.
-            await _refuse_rest_of_body(request, resp)
-        return resp
+            request.force_close()
+        if request.started:  # the answer had begun: a reset is all that is left
+            request.reset()
+            return
+        try:
+            await _json_response(request, exc.status, body, headers, extra)
+        except ConnectionError:
+            outcome.status = CLIENT_GONE
 
     def _account(
-        self, request: web.BaseRequest, request_id: str, outcome: _Outcome, elapsed: float
+        self, request: Request, request_id: str, outcome: _Outcome, elapsed: float
     ) -> None:
         """Metrics and the access log line for one finished request."""
         m = self.metrics
@@ -773,24 +756,6 @@ class Proxy:
         )
 
 
-class _Untyped:
-    """A response passed on without a Content-Type, as the upstream sent it: aiohttp would
-    add ``application/octet-stream``, and a proxy must not invent what a body is.
-    (``_prepare_headers`` is aiohttp's; tests/test_aiohttp_contract.py pins it.)"""
-
-    async def _prepare_headers(self) -> None:
-        await super()._prepare_headers()  # type: ignore[misc]
-        self._headers.popall("Content-Type", None)  # type: ignore[attr-defined]
-
-
-class _UntypedBody(_Untyped, web.Response):
-    pass
-
-
-class _UntypedStream(_Untyped, web.StreamResponse):
-    pass
-
-
 class MemoryBudget:
     """Bytes of request bodies held in memory at once, process-wide. Taking is
     all-or-nothing: a request that would go over is refused, never queued."""
@@ -818,46 +783,24 @@ def _over_capacity() -> OverCapacity:
     )
 
 
-def _json_response(status: int, body: bytes, headers: dict[str, str]) -> web.Response:
-    return web.Response(status=status, body=body, content_type="application/json", headers=headers)
+async def _json_response(
+    request: Request,
+    status: int,
+    body: bytes,
+    headers: dict[str, str],
+    extra: list[tuple[str, str]] | None = None,
+) -> None:
+    out = [("Content-Type", "application/json"), *headers.items()]
+    if extra:
+        out.extend(extra)
+    await request.respond(status, out, body)
 
 
-def _request_id(request: web.BaseRequest) -> str:
+def _request_id(request: Request) -> str:
     given = request.headers.get("X-Request-Id")
     if given and _REQUEST_ID_RE.match(given):
         return given
     return os.urandom(16).hex()
-
-
-def _reset(request: web.BaseRequest) -> None:
-    """Cut the client's connection with a reset (RST), which every client reads as an
-    error; a plain close (FIN) would end an HTTP/1.0 or close-delimited body as if it
-    were whole."""
-    transport = request.transport
-    if transport is None:
-        return
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
-    transport.abort()
-
-
-async def _refuse_rest_of_body(request: web.BaseRequest, resp: web.StreamResponse) -> None:
-    """Send the refusal and close the connection without reading the rest of the body.
-
-    aiohttp would otherwise do a lingering close, reading and discarding up to 10 s of
-    the upload. The response is flushed before the socket closes.
-    """
-    resp.force_close()
-    try:
-        await resp.prepare(request)
-        await resp.write_eof()
-    except ConnectionError:
-        return
-    protocol = request.protocol
-    if protocol is not None:
-        protocol.force_close()
 
 
 # A 401/403 with an error type that is not a refusal sigproxy knows: its body may have
