@@ -8,12 +8,14 @@ protocol errors lose the raw request line they would quote.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
 import logging
 import re
 import sys
-from typing import Any
+import time
+from typing import IO, Any
 
 # Attributes every LogRecord has; anything else came in through ``extra``.
 _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
@@ -51,7 +53,11 @@ class JsonFormatter(logging.Formatter):
                 out[key] = value
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str)
+        return _JSON.encode(out)
+
+
+# What json.dumps(out, default=str) builds for every call, built once.
+_JSON = json.JSONEncoder(default=str)
 
 
 class RedactProtocolErrors(logging.Filter):
@@ -71,14 +77,240 @@ class RedactProtocolErrors(logging.Filter):
         return True
 
 
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class TextFormatter(logging.Formatter):
+    """``TEXT_FORMAT`` with ``logging.Formatter``'s very bytes, cheaper: the local time
+    of a second is formatted once for every record in it, not once a record."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+        self._second: tuple[int, str] = (-1, "")  # one tuple: swapped whole, thread-safe
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        if datefmt:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        cached, prefix = self._second
+        if second != cached:
+            # A local time has whole seconds (localtime() drops the fraction), so the
+            # second's text serves every record of it.
+            prefix = time.strftime(self.default_time_format, self.converter(record.created))
+            self._second = (second, prefix)
+        return f"{prefix},{int(record.msecs):03d}"
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.message = record.getMessage()
+        asctime = record.asctime = self.formatTime(record)
+        s = f"{asctime} {record.levelname} {record.name}: {message}"
+        if record.exc_info or record.exc_text or record.stack_info:
+            # The rare tail, as logging.Formatter.format writes it.
+            if record.exc_info and not record.exc_text:
+                record.exc_text = self.formatException(record.exc_info)
+            if record.exc_text:
+                if s[-1:] != "\n":
+                    s = s + "\n"
+                s = s + record.exc_text
+            if record.stack_info:
+                if s[-1:] != "\n":
+                    s = s + "\n"
+                s = s + self.formatStack(record.stack_info)
+        return s
+
+
+class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A StreamHandler that writes once per event-loop turn: the lines of a turn are
+    kept, the first schedules their write with ``loop.call_soon``, and they go out in one
+    ``write`` (one system call for a line-buffered stderr) as the loop turns again.
+
+    Written at once, after what is kept (so the order holds): a record of WARNING or
+    above, and any record logged with no event loop running in its thread (start-up,
+    shutdown, executor threads). ``flush()`` writes what is kept; ``close()`` and
+    ``logging.shutdown`` (at exit) call it, so no line is lost unless the process
+    ends without running exit handlers (``os._exit``, SIGKILL)."""
+
+    def __init__(self, stream: IO[str] | None = None) -> None:
+        super().__init__(stream)
+        self._pending: list[str] = []
+        self._last: logging.LogRecord | None = None
+        self._scheduled: asyncio.AbstractEventLoop | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + self.terminator
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+            return
+        self._pending.append(line)
+        self._last = record
+        if record.levelno >= logging.WARNING:
+            self._write()
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._write()
+            return
+        if self._scheduled is not loop:
+            # (A loop that stopped before its turn came keeps a stale mark; a new loop
+            # schedules again, and flush() at exit writes what the old one left.)
+            self._scheduled = loop
+            loop.call_soon(self._turn)
+
+    def _turn(self) -> None:
+        self.acquire()
+        try:
+            self._scheduled = None
+            self._write()
+        finally:
+            self.release()
+
+    def _write(self) -> None:
+        """Write what is kept. The caller holds the handler's lock."""
+        pending = self._pending
+        if not pending:
+            return
+        text = pending[0] if len(pending) == 1 else "".join(pending)
+        pending.clear()
+        record, self._last = self._last, None
+        try:
+            self.stream.write(text)
+            if self.stream and hasattr(self.stream, "flush"):
+                self.stream.flush()
+        except RecursionError:
+            raise
+        except Exception:
+            if record is not None:
+                self.handleError(record)
+
+    def flush(self) -> None:
+        self.acquire()
+        try:
+            self._write()
+            super().flush()
+        finally:
+            self.release()
+
+    def close(self) -> None:
+        self.flush()
+        super().close()
+
+    def setStream(self, stream: IO[str]) -> IO[str] | None:
+        self.flush()
+        return super().setStream(stream)
+
+
 def setup_logging(level: str, fmt: str = "text") -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = BatchingStreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter())
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     protect_secrets()
+
+
+class AccessLog:
+    """The access log line of one request, as ``logger.info`` would log it (the same
+    message, arguments and ``extra`` fields) without its stack walk (``findCaller``): the
+    record is made with ``logger.makeRecord`` and passed to ``logger.handle``, so
+    filters, handlers and formatters see it as before. Its ``pathname``, ``lineno`` and
+    ``funcName`` are logging's "unknown" values.
+
+    The caller checks ``enabled`` first (and may skip building its arguments), then calls
+    ``write``; both follow level changes (``setLevel``, a reload) as they happen."""
+
+    FORMAT = "%s %s %s %s %s in=%d out=%d total_ms=%.1f upstream_ms=%s%s%s"
+
+    __slots__ = ("logger",)
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger = logger
+
+    @property
+    def enabled(self) -> bool:
+        """Whether an INFO record of the logger goes anywhere (logging caches this per
+        logger, and clears the cache on every level change)."""
+        return self.logger.isEnabledFor(logging.INFO)
+
+    def write(
+        self,
+        request_id: str,
+        upstream: str,
+        method: str,
+        path: str,
+        raw: str,
+        status: int,
+        received: int,
+        sent: int,
+        elapsed: float,
+        upstream_time: float | None,
+        error: str | None,
+    ) -> None:
+        """Log one finished request. ``method``, ``path`` and ``raw`` (the path as the
+        client sent it) are printable already (:func:`printable`); ``elapsed`` and
+        ``upstream_time`` are seconds."""
+        logger = self.logger
+        if not logger.isEnabledFor(logging.INFO):
+            return
+        upstream_ms = None if upstream_time is None else round(upstream_time * 1000, 1)
+        total = elapsed * 1000
+        record = logger.makeRecord(
+            logger.name,
+            logging.INFO,
+            "(unknown file)",
+            0,
+            self.FORMAT,
+            (
+                request_id,
+                upstream,
+                method,
+                path,
+                status,
+                received,
+                sent,
+                total,
+                "-" if upstream_ms is None else upstream_ms,
+                "" if raw == path else f" raw={raw}",
+                "" if error is None else f" error={error}",
+            ),
+            None,
+            "(unknown function)",
+        )
+        # The extra fields, as makeRecord(extra=...) would set them (none of these names
+        # is a LogRecord attribute: checked once, at import).
+        fields = record.__dict__
+        fields["request_id"] = request_id
+        fields["upstream"] = upstream
+        fields["method"] = method
+        fields["path"] = path
+        fields["raw_path"] = raw
+        fields["status"] = status
+        fields["bytes_in"] = received
+        fields["bytes_out"] = sent
+        fields["total_ms"] = round(total, 1)
+        fields["upstream_ms"] = upstream_ms
+        fields["error"] = error
+        logger.handle(record)
+
+
+ACCESS_FIELDS = (
+    "request_id",
+    "upstream",
+    "method",
+    "path",
+    "raw_path",
+    "status",
+    "bytes_in",
+    "bytes_out",
+    "total_ms",
+    "upstream_ms",
+    "error",
+)
+assert not _STANDARD.intersection(ACCESS_FIELDS)
 
 
 def protect_secrets() -> None:

