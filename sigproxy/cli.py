@@ -339,7 +339,10 @@ def _serve(config: Config, path: str, args: argparse.Namespace) -> int:
         return run(Supervisor(config, worker_args, workers, load).run())
     store = CredentialStore.resolve(config, wait=args.wait_for_credentials)
     _log_routes(config, store)
-    run(serve(config, store, load, wait_for_credentials=args.wait_for_credentials))
+    run(
+        serve(config, store, load, wait_for_credentials=args.wait_for_credentials),
+        tls_listener=config.listen.tls is not None,
+    )
     return EXIT_OK
 
 
@@ -377,7 +380,8 @@ def _worker(args: argparse.Namespace) -> int:
                 # Set by the supervisor before this process started, as prometheus-client
                 # needs: its values then go to files there, added up by /metrics.
                 multiprocess_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR"),
-            )
+            ),
+            tls_listener=config.listen.tls is not None,
         )
     except SigproxyError as exc:
         return _fail(str(exc))
@@ -414,9 +418,15 @@ def _log_routes(config: Config, store: CredentialStore | None) -> None:
         )
 
 
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run on uvloop when it is installed (the [speed] extra), else asyncio's loop."""
+def run(coro: Coroutine[Any, Any, T], *, tls_listener: bool = False) -> T:
+    """Run on uvloop when it is installed (the [speed] extra), else asyncio's loop.
+
+    A TLS listener runs on asyncio's loop: uvloop's server-side ``start_tls`` does not
+    report a failed handshake (plain HTTP sent to the TLS port, a client that gives up)
+    until its timeout, and handshakes on sockets a supervisor handed over time out."""
     try:
+        if tls_listener:
+            raise ImportError
         import uvloop  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
         return asyncio.run(coro)

@@ -50,7 +50,7 @@ from .inbound import (
     check_token,
     is_preflight,
 )
-from .logs import printable
+from .logs import AccessLog, printable
 from .metrics import NO_UPSTREAM, Metrics
 from .retries import Budget, Plan, failure_reason, retry_after, status_reason
 from .routing import Route, RouteTable, Target
@@ -58,7 +58,6 @@ from .signing import EMPTY_SHA256, Credentials
 from .upstream import UpstreamClient, UpstreamError, UpstreamResponse
 
 log = logging.getLogger("sigproxy.proxy")
-access_log = logging.getLogger("sigproxy.access")
 
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 # Status recorded (never sent) when the client disconnected, as nginx does.
@@ -105,6 +104,7 @@ class Proxy:
         self._warned: dict[tuple[str, str], float] = {}
         self._poller: asyncio.Task[None] | None = None
         self._budgets: dict[str, Budget] = {}
+        self.access = AccessLog(logging.getLogger("sigproxy.access"))
 
     def start(self) -> None:
         """Start following the credentials' sources (files, logins, expiry) in the
@@ -720,39 +720,22 @@ class Proxy:
         )
         if outcome.received or outcome.sent:
             m.bytes_done(outcome.upstream, outcome.received, outcome.sent)
-        if not access_log.isEnabledFor(logging.INFO):
+        access = self.access
+        if not access.enabled:
             return
         raw = printable(split_target(request.raw_path)[0])
-        path = raw if outcome.path is None else outcome.path
-        upstream_ms = (
-            None if outcome.upstream_time is None else round(outcome.upstream_time * 1000, 1)
-        )
-        access_log.info(
-            "%s %s %s %s %s in=%d out=%d total_ms=%.1f upstream_ms=%s%s%s",
+        access.write(
             request_id,
             outcome.upstream,
             printable(request.method),
-            path,
+            raw if outcome.path is None else outcome.path,
+            raw,
             outcome.status,
             outcome.received,
             outcome.sent,
-            elapsed * 1000,
-            "-" if upstream_ms is None else upstream_ms,
-            "" if raw == path else f" raw={raw}",
-            "" if outcome.error is None else f" error={outcome.error}",
-            extra={
-                "request_id": request_id,
-                "upstream": outcome.upstream,
-                "method": request.method,
-                "path": path,
-                "raw_path": raw,
-                "status": outcome.status,
-                "bytes_in": outcome.received,
-                "bytes_out": outcome.sent,
-                "total_ms": round(elapsed * 1000, 1),
-                "upstream_ms": upstream_ms,
-                "error": outcome.error,
-            },
+            elapsed,
+            outcome.upstream_time,
+            outcome.error,
         )
 
 
