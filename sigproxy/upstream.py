@@ -1,12 +1,15 @@
 """Keep-alive HTTP/1.1 connections to the upstreams.
 
 sigproxy sends one kind of request: a known origin, a finished header list and a body
-already in memory. ``aiohttp.ClientSession`` spends more CPU per request on its general
-machinery (URL objects, payload registry, cookie and redirect handling, tracing, timers)
-than the exchange itself costs. This module keeps aiohttp's own response protocol (its
-llhttp parser, payload streams and read timeouts) and drops the rest: the request head is
-written as bytes and connections are pooled per origin, up to a cap, with idle ones
-closed by a timer.
+already in memory. A general HTTP client spends more CPU per request on its machinery
+(URL objects, payload registries, cookies, redirects, tracing, a stream and a timer
+object per response) than the exchange itself costs. Here the request head is written as
+bytes and each connection is its own asyncio protocol around one llhttp parser
+(httptools): the response head becomes an :class:`UpstreamResponse` (status and a
+case-insensitive header multidict, as aiohttp decodes them), and the body pieces go
+straight into it. One timer per connection measures the read timeout; the connection
+stops reading while the unread body holds more than :data:`_HIGH_WATER` bytes.
+Connections are pooled per origin, up to a cap, with idle ones closed by a timer.
 
 An origin may dial another address than its URL's host (``connect_to``: a VPC endpoint,
 a tunnel) and may go through an HTTP proxy (``proxy``): TCP to the proxy, ``CONNECT`` to
@@ -14,7 +17,7 @@ the address, and TLS to the Function URL inside the tunnel. Either way the Host 
 the signature, the TLS SNI and the certificate check stay the URL's host. A tunnelled
 connection is pooled like a direct one.
 
-It raises one error tree, whatever failed below it (aiohttp, asyncio, the socket, TLS);
+It raises one error tree, whatever failed below it (the parser, asyncio, the socket, TLS);
 :func:`_translate` is the one place that turns those into it::
 
     UpstreamError          kind
@@ -42,16 +45,11 @@ import re
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import aiohappyeyeballs
-import aiohttp
-from aiohttp.client_exceptions import ClientPayloadError, ServerDisconnectedError
-from aiohttp.client_proto import ResponseHandler
-from aiohttp.http import RawResponseMessage
-from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError
-from aiohttp.streams import StreamReader
-from multidict import CIMultiDictProxy
+import httptools
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from .egress import EgressProxy
 from .logs import printable
@@ -146,7 +144,7 @@ class _ConnectRefused(Exception):
 def _translate(
     exc: Exception, origin: Origin, timeout: float | None, hop: str = "upstream"
 ) -> UpstreamError:
-    """The one place where what failed below (aiohttp, asyncio, the socket, TLS) becomes
+    """The one place where what failed below (the parser, asyncio, the socket, TLS) becomes
     an :class:`UpstreamError` saying why in words. ``timeout`` is the limit that was
     running (connect or read); ``hop`` is what was under way: ``proxy`` (connecting to
     the egress proxy), ``tunnel`` (its answer to CONNECT) or ``upstream`` (the rest)."""
@@ -157,7 +155,7 @@ def _translate(
         return _proxy_failure(exc, origin, proxy, timeout, hop)
     route = _route(origin)
     where = f"{origin.host}:{origin.port}{route}"
-    if isinstance(exc, TimeoutError):  # asyncio's, and aiohttp's read timeouts
+    if isinstance(exc, TimeoutError):  # asyncio's, and the read timeout's
         limit = "" if timeout is None else f" within {timeout:g} seconds"
         return UpstreamTimedOut(origin, f"no answer from {where}{limit}")
     if isinstance(exc, ssl.SSLCertVerificationError):
@@ -174,16 +172,13 @@ def _translate(
         return ConnectFailed(origin, f"DNS lookup of {dialled} failed: {exc.strerror}")
     if isinstance(exc, ConnectionRefusedError):
         return ConnectFailed(origin, f"connection refused by {where}")
-    if isinstance(exc, HttpProcessingError):
-        # The parser's words may quote what the upstream sent: shown, never obeyed.
-        text = printable(str(exc.message or type(exc).__name__).strip().splitlines()[0][:200])
+    if isinstance(exc, _Malformed | httptools.HttpParserError):
+        # llhttp's words (they never quote the bytes), shown, never obeyed.
+        text = printable((str(exc).strip().splitlines() or [type(exc).__name__])[0][:200])
         return ProtocolError(origin, f"{where} sent an invalid HTTP response: {text}")
-    if isinstance(exc, ClientPayloadError):
+    if isinstance(exc, _CutShort):
         return ConnectionClosed(origin, f"{where} cut the response body short")
-    if isinstance(exc, aiohttp.ClientResponseError):
-        text = printable(str(exc.message)[:200])
-        return ProtocolError(origin, f"{where} sent an invalid HTTP response: {text}")
-    if isinstance(exc, ServerDisconnectedError | ConnectionError | aiohttp.ClientOSError):
+    if isinstance(exc, ConnectionError):
         return ConnectionClosed(origin, f"{where} closed the connection")
     if isinstance(exc, OSError):
         return ConnectFailed(origin, f"cannot connect to {where}: {exc.strerror or exc}")
@@ -257,40 +252,78 @@ def _authority(host: str, port: int) -> str:
 class UpstreamResponse:
     """A response whose head has arrived; the body is read with :meth:`read_chunk`.
     :meth:`release` must be called: it pools the connection if the body was read to the
-    end and the connection may be kept, and closes it otherwise."""
+    end and the connection may be kept, and closes it otherwise.
 
-    __slots__ = ("_origin", "_protocol", "_read_timeout", "content", "headers", "status")
+    Its connection feeds it: the body's pieces wait in ``_chunks`` until read, and the
+    connection stops reading from the upstream while they hold more than
+    :data:`_HIGH_WATER` bytes."""
+
+    __slots__ = (
+        "_chunks",
+        "_connection",
+        "_eof",
+        "_error",
+        "_origin",
+        "_read_timeout",
+        "_size",
+        "_waiter",
+        "headers",
+        "status",
+    )
 
     def __init__(
         self,
         origin: Origin,
-        protocol: _Connection,
-        message: RawResponseMessage,
-        content: StreamReader,
+        connection: _Connection,
+        status: int,
+        headers: CIMultiDictProxy[str],
         read_timeout: float | None,
     ) -> None:
         self._origin = origin
-        self._protocol: _Connection | None = protocol
+        self._connection: _Connection | None = connection
         self._read_timeout = read_timeout
-        self.status: int = message.code
-        self.headers: CIMultiDictProxy[str] = message.headers
-        self.content = content
+        self.status = status
+        self.headers = headers
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._eof = False
+        self._error: Exception | None = None
+        self._waiter: asyncio.Future[None] | None = None
 
     @property
     def complete(self) -> bool:
         """The whole body has arrived (it may still be unread)."""
-        return self.content.is_eof()
+        return self._eof
 
     def read_buffered(self) -> bytes:
         """What of the body has arrived and is unread; all of it once :attr:`complete`."""
-        return self.content.read_nowait()
+        chunks = self._chunks
+        if not chunks:
+            return b""
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._size = 0
+        connection = self._connection
+        if connection is not None and connection.paused:
+            connection.resume()
+        return data
 
     async def read_chunk(self) -> bytes:
         """The next piece of the body as it arrives; ``b""`` at its end."""
-        try:
-            return await self.content.readany()
-        except Exception as exc:
-            raise _translate(exc, self._origin, self._read_timeout) from exc
+        while True:
+            # As aiohttp's StreamReader did: a failure wins over what is still unread.
+            error = self._error
+            if error is not None:
+                raise _translate(error, self._origin, self._read_timeout) from error
+            if self._chunks:
+                return self.read_buffered()
+            if self._eof:
+                return b""
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
 
     async def read(self) -> bytes:
         """The rest of the body."""
@@ -305,79 +338,386 @@ class UpstreamResponse:
         return int(value) if value is not None and value.isdigit() else None
 
     def release(self) -> None:
-        protocol, self._protocol = self._protocol, None
-        if protocol is None:
-            return
-        pool = protocol.pool
-        if pool is not None and self.content.is_eof() and protocol.reusable():
-            if "Transfer-Encoding" in self.headers:
-                # aiohttp's C parser can keep a chunked body's last trailer field pending
-                # and add it to the next response it parses: the next client's headers. A
-                # new parser for the next response on this connection; aiohttp's own
-                # client makes one per request.
-                protocol.chunked_before = True
-            pool.put(protocol)
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.finish(self._eof)
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+# What a connection is doing, as _Connection.phase.
+_IDLE = 0  # no request outstanding: whatever arrives answers nothing that will be asked
+_HEAD = 1  # a request sent, its response head awaited (interim 1xx heads skipped)
+_BODY = 2  # the head handed over, the body arriving
+_DONE = 3  # the response arrived whole; anything more is a message nobody asked for
+_FAILED = 4  # the exchange failed or the connection was given up: never reused
+
+# aiohttp's limits for a response head (nginx's and Node's are alike): a header line of
+# 8190 bytes, 128 header fields. httptools hands a field over only once it is whole, so
+# the head as a whole is capped too, or one endless field would be buffered.
+_MAX_FIELD = 8190
+_MAX_HEADERS = 128
+_MAX_HEAD = (_MAX_HEADERS + 1) * (_MAX_FIELD + 2)
+# A body is buffered up to this, unread, before the upstream is told to wait (the TCP
+# window then holds it back): aiohttp's StreamReader high-water mark.
+_HIGH_WATER = 1 << 17
+_NO_BODY_STATUS = frozenset({204, 304})
+
+
+class _Malformed(Exception):
+    """The upstream's answer is not HTTP/1.1; the text says how, without its bytes."""
+
+
+class _CutShort(Exception):
+    """The connection ended inside a response body with a length or chunks, or by a
+    reset inside any body."""
+
+
+class _Stray(Exception):
+    """Raised inside the parser to stop it at a message no request asked for."""
+
+
+class _Connection(asyncio.Protocol):
+    """One upstream connection: an asyncio protocol parsing responses with llhttp
+    (httptools), one exchange at a time, plus what the pool knows of it: the slot it
+    holds and when it was pooled. It hands each response over as an
+    :class:`UpstreamResponse` and feeds it the body; the read timeout (the longest
+    silence while a response is awaited or arriving) is its timer."""
+
+    __slots__ = (
+        "fields",
+        "head_bytes",
+        "head_only",
+        "idle_since",
+        "keep_alive",
+        "last_read",
+        "loop",
+        "origin",
+        "parser",
+        "paused",
+        "phase",
+        "pool",
+        "read_timeout",
+        "response",
+        "spent",
+        "stray",
+        "timer",
+        "transport",
+        "until_close",
+        "used",
+        "waiter",
+    )
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.parser = _parser(self)
+        self.pool: _Pool | None = None  # whose slot it holds; None once it is closed
+        self.idle_since = 0.0
+        self.used = False  # it has carried an exchange: it may have died while pooled
+        self.phase = _IDLE
+        self.origin: Origin | None = None
+        self.head_only = False  # the request is a HEAD: its response has no body
+        self.spent = False  # the parser was left inside a HEAD response's phantom body
+        self.waiter: asyncio.Future[UpstreamResponse] | None = None
+        self.response: UpstreamResponse | None = None
+        self.fields: list[tuple[str, str]] = []
+        self.head_bytes = 0
+        self.keep_alive = False
+        self.until_close = False  # the body ends where the connection does
+        self.stray = False  # bytes came that no request asked for
+        self.paused = False  # reading stopped: the response's unread body is full
+        self.read_timeout: float | None = None
+        self.last_read = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+
+    # --- the exchange, as UpstreamClient drives it
+
+    def begin(
+        self, origin: Origin, head_only: bool, read_timeout: float | None
+    ) -> asyncio.Future[UpstreamResponse]:
+        """Expect a response (the request is about to be written); its head resolves the
+        future returned."""
+        if self.spent:
+            self.parser = _parser(self)
+            self.spent = False
+        self.used = True
+        self.origin = origin
+        self.head_only = head_only
+        self.read_timeout = read_timeout
+        self.head_bytes = 0
+        self.keep_alive = False
+        self.stray = False
+        self.response = None
+        waiter = self.waiter = self.loop.create_future()
+        self.phase = _HEAD
+        self._arm()
+        return waiter
+
+    def finish(self, whole: bool) -> None:
+        """The response's reader is done with it: pool the connection or close it."""
+        pool = self.pool
+        if pool is not None and whole and self.reusable():
+            self.response = None
+            if self.paused:
+                self.resume()
+            pool.put(self)
         else:
-            protocol.discard()
-
-
-class _Connection(ResponseHandler):
-    """aiohttp's response protocol, plus what the pool knows of it: the slot it holds, when
-    it was pooled, whether a request is outstanding, and the parser settings it was given
-    (its parser is kept from one response to the next while they stay the same)."""
-
-    params: tuple[bool, float | None] | None = None
-    chunked_before = False  # its last response was chunked: parse the next with a new parser
-    pool: _Pool | None = None  # whose slot it holds; None once it is closed
-    idle_since = 0.0
-    # No request outstanding: whatever arrives now answers nothing that will be asked.
-    quiet = False
-    body: StreamReader | None = None  # the last response's
+            self.discard()
 
     def reusable(self) -> bool:
-        if not self.is_connected() or self.should_close:
-            return False
-        # Bytes that came after the response may have begun another message inside the
-        # parser, which should_close does not see: feed_eof() returns that message (or
-        # raises on it), and is a no-op between messages.
-        parser = self._parser
-        try:
-            return parser is not None and parser.feed_eof() is None
-        except Exception:
-            return False
+        transport = self.transport
+        return (
+            self.phase == _DONE
+            and self.keep_alive
+            and not self.stray
+            and transport is not None
+            and not transport.is_closing()
+        )
 
-    def data_received(self, data: bytes) -> None:
-        if self.quiet and data:
-            # Parsed, they would be taken for the answer to the next request.
-            self.discard()
-            return
-        super().data_received(data)
+    def is_connected(self) -> bool:
+        transport = self.transport
+        return transport is not None and not transport.is_closing()
 
-    def connection_lost(self, exc: BaseException | None) -> None:
-        body = self.body
-        if exc is not None and body is not None and not body.is_eof():
-            # aiohttp ends a body read until close on any close; a reset one is cut
-            # short, not whole. (A sized or chunked one also gets aiohttp's own error.)
-            body.set_exception(ClientPayloadError(f"response body cut short: {exc!r}"), exc)
-        self._free()
-        super().connection_lost(exc)
+    def resume(self) -> None:
+        """The response's unread body was taken: read from the upstream again."""
+        self.paused = False
+        transport = self.transport
+        if transport is not None:
+            transport.resume_reading()
+        if self.phase == _BODY:
+            self._arm()  # the silence is measured from now, not from the pause
 
     def close(self) -> None:
-        super().close()
-        self._free()
+        transport = self.transport
+        if transport is not None:
+            transport.close()
+        self._end()
 
     def discard(self) -> None:
         # Closed without waiting to flush: the connection is in an unknown state.
         transport = self.transport
         if transport is not None:
             transport.abort()
-        self._free()
+        self._end()
 
-    def _free(self) -> None:
+    # --- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        phase = self.phase
+        if phase != _HEAD and phase != _BODY:
+            if phase == _IDLE:
+                # Parsed, they would be taken for the answer to the next request.
+                self.discard()
+            elif phase == _DONE:
+                self.stray = True
+            return
+        if self.read_timeout:
+            self.last_read = self.loop.time()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _Stray):
+                return  # after a whole response: it is not reused (self.stray)
+            self._fail(cause if isinstance(cause, _Malformed) else _Malformed(str(exc)))
+            return
+        except httptools.HttpParserUpgrade:
+            self._fail(_Malformed("an upgrade to another protocol"))
+            return
+        if self.phase == _HEAD:
+            self.head_bytes += len(data)
+            if self.head_bytes > _MAX_HEAD:
+                self._fail(_Malformed(f"a response head over {_MAX_HEAD} bytes"))
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.transport = None
+        phase = self.phase
+        if phase == _HEAD:
+            self._fail(ConnectionResetError("closed before the response head"))
+        elif phase == _BODY:
+            if exc is None and self.until_close:
+                self._complete()  # a body read until close, closed cleanly: whole
+            else:
+                self._fail(_CutShort())
+        self._end()
+
+    def eof_received(self) -> bool | None:
+        return None  # closed: connection_lost says whether a body ended whole
+
+    # --- httptools callbacks
+
+    def on_message_begin(self) -> None:
+        if self.phase != _HEAD:
+            self.stray = True
+            raise _Stray
+        self.fields = []
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.phase != _HEAD:
+            return  # a chunked body's trailer: not passed on, nor kept
+        if len(name) + len(value) > _MAX_FIELD:
+            raise _Malformed(f"a header line over {_MAX_FIELD} bytes")
+        # llhttp strips the whitespace before a value, not after (aiohttp strips both).
+        value = value.rstrip(b" \t")
+        if b"\x00" in value:
+            raise _Malformed("a NUL byte in a header value")
+        fields = self.fields
+        # As aiohttp decoded them: bytes that are not UTF-8 become surrogate escapes,
+        # which sigproxy.headers reports and drops.
+        fields.append(
+            (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+        )
+        if len(fields) > _MAX_HEADERS:
+            raise _Malformed(f"more than {_MAX_HEADERS} header fields")
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        status = parser.get_status_code()
+        if 100 <= status < 200:
+            if status == 101:
+                # sigproxy never asks to switch: what follows is not HTTP.
+                raise _Malformed("unsolicited 101 Switching Protocols")
+            return  # interim (100 Continue, 103 Early Hints): not passed on
+        headers = CIMultiDictProxy(CIMultiDict(self.fields))
+        assert self.origin is not None
+        response = UpstreamResponse(self.origin, self, status, headers, self.read_timeout)
+        self.response = response
+        if self.head_only:
+            # llhttp cannot be told the request was a HEAD, so it expects the body the
+            # head describes: the message ends here, and the next response on this
+            # connection gets a new parser.
+            self.spent = True
+            self.keep_alive = _keeps_alive(parser.get_http_version(), headers)
+            self._complete()
+        else:
+            self.keep_alive = parser.should_keep_alive()
+            if status in _NO_BODY_STATUS:
+                self._complete()  # llhttp knows these have no body
+            else:
+                self.until_close = _until_close(headers)
+                self.phase = _BODY
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(response)
+
+    def on_body(self, body: bytes) -> None:
+        response = self.response
+        if self.phase != _BODY or response is None:
+            self.stray = True  # after a HEAD response: bytes nobody asked for
+            raise _Stray
+        response._chunks.append(body)
+        response._size += len(body)
+        response._wake()
+        if response._size > _HIGH_WATER and not self.paused:
+            self.paused = True
+            transport = self.transport
+            if transport is not None:
+                transport.pause_reading()
+
+    def on_message_complete(self) -> None:
+        if self.phase == _BODY:
+            self._complete()
+        # else an interim response's end, or one whose end was decided at its head
+
+    # --- state
+
+    def _complete(self) -> None:
+        self.phase = _DONE
+        response = self.response
+        if response is not None:
+            response._eof = True
+            response._wake()
+
+    def _fail(self, exc: Exception) -> None:
+        phase, self.phase = self.phase, _FAILED
+        if phase == _HEAD:
+            waiter = self.waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(exc)
+        elif phase == _BODY:
+            response = self.response
+            if response is not None:
+                response._error = exc
+                response._wake()
+        if not isinstance(exc, TimeoutError | ConnectionError | _CutShort):
+            transport = self.transport
+            if transport is not None:
+                transport.abort()  # what follows an invalid message is not HTTP either
+
+    def _arm(self) -> None:
+        """Start measuring the silence (a read timeout) from now."""
+        timeout = self.read_timeout
+        if not timeout:
+            return
+        now = self.last_read = self.loop.time()
+        timer = self.timer
+        if timer is not None:
+            if timer.when() <= now + timeout:
+                return  # it fires first, and looks at last_read then
+            timer.cancel()
+        self.timer = self.loop.call_at(now + timeout, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self.timer = None
+        timeout = self.read_timeout
+        if not timeout or self.paused or (self.phase != _HEAD and self.phase != _BODY):
+            return
+        deadline = self.last_read + timeout
+        if deadline - self.loop.time() > 0.001:  # bytes came since it was set
+            self.timer = self.loop.call_at(deadline, self._on_timer)
+            return
+        self._fail(TimeoutError())
+
+    def _end(self) -> None:
+        if self.phase != _DONE:
+            self.phase = _FAILED
+        timer = self.timer
+        if timer is not None:
+            self.timer = None
+            timer.cancel()
         pool = self.pool
         if pool is not None:
             self.pool = None
             pool.free_slot()
+
+
+def _parser(connection: _Connection) -> httptools.HttpResponseParser:
+    parser = httptools.HttpResponseParser(connection)
+    # aiohttp's leniencies for responses (outside its dev mode): servers in the wild
+    # send these, and none of them changes where a message ends.
+    parser.set_dangerous_leniencies(
+        lenient_headers=True,
+        lenient_optional_cr_before_lf=True,
+        lenient_spaces_after_chunk_size=True,
+    )
+    return parser
+
+
+def _until_close(headers: CIMultiDictProxy[str]) -> bool:
+    """Whether a response body ends where the connection does (RFC 9112 section 6.3): no
+    chunked coding last, and no Content-Length."""
+    coding = headers.get("Transfer-Encoding")
+    if coding is not None:
+        return coding.rsplit(",", 1)[-1].strip().lower() != "chunked"
+    return "Content-Length" not in headers
+
+
+def _keeps_alive(version: str, headers: CIMultiDictProxy[str]) -> bool:
+    """llhttp's keep-alive rule for a message whose end its head decides."""
+    tokens = {t.strip().lower() for t in ",".join(headers.getall("Connection", ())).split(",")}
+    if version == "1.1":
+        return "close" not in tokens
+    return "keep-alive" in tokens
 
 
 class _Pool:
@@ -413,13 +753,13 @@ class _Pool:
         idle = self.idle
         while idle:
             protocol = idle.pop()  # the most recently used: its socket is warm
-            if protocol.is_connected() and not protocol.should_close:
+            if protocol.is_connected():
                 return protocol
             protocol.discard()
         return None
 
     def put(self, protocol: _Connection) -> None:
-        protocol.quiet = True
+        protocol.phase = _IDLE
         waiters = self.waiters
         while waiters:
             waiter = waiters.popleft()
@@ -580,7 +920,7 @@ class UpstreamClient:
             got = await pool.wait(deadline)
             if got is None:
                 return await self._connect(pool, connect_timeout)
-            if got.is_connected() and not got.should_close:
+            if got.is_connected():
                 return got
             got.discard()
 
@@ -604,7 +944,7 @@ class UpstreamClient:
         protocol = pool.take()
         if protocol is None:
             protocol = await self._acquire(pool, connect_timeout)
-        if protocol.params is not None:  # it has carried a response: it may have died idle
+        if protocol.used:  # it has carried a response: it may have died idle
             try:
                 return await self._exchange(origin, protocol, method, head, body, read_timeout)
             except ConnectionClosed:
@@ -625,41 +965,21 @@ class UpstreamClient:
         read_timeout: float | None,
     ) -> UpstreamResponse:
         try:
-            params = (method == "HEAD", read_timeout)
-            if protocol.params != params or protocol.chunked_before:
-                protocol.chunked_before = False
-                protocol.set_response_params(
-                    skip_payload=params[0],
-                    read_until_eof=True,
-                    auto_decompress=False,
-                    read_timeout=read_timeout,
-                )
-                protocol.params = params
             transport = protocol.transport
             if transport is None:
-                raise ServerDisconnectedError()
-            protocol.quiet = False
+                raise ConnectionResetError("closed while pooled")
+            head_arrived = protocol.begin(origin, method == "HEAD", read_timeout)
             if len(body) <= _LARGE:
                 transport.write(head + body)
             else:
                 transport.write(head)
                 transport.write(body)
-            protocol.start_timeout()
-            while True:
-                message, payload = await protocol.read()
-                if not 100 <= message.code < 200:
-                    break
-                if message.code == 101:
-                    # sigproxy never asks to switch: what follows is not HTTP.
-                    raise BadHttpMessage("unsolicited 101 Switching Protocols")
-                # Interim responses (100 Continue, 103 Early Hints) are not passed on.
-            protocol.body = payload
+            return await head_arrived
         except BaseException as exc:
             protocol.discard()
             if isinstance(exc, Exception):
                 raise _translate(exc, origin, read_timeout) from exc
             raise
-        return UpstreamResponse(origin, protocol, message, payload, read_timeout)
 
 
 AddrInfo = tuple[int, int, int, str, tuple[Any, ...]]

@@ -19,13 +19,8 @@ Used by sigproxy.protocol (the server side):
   * ``StreamWriter.output_size`` (reset after a ``100 Continue`` sent by hand);
   * ``StreamResponse._prepare_headers`` (sigproxy.proxy removes the Content-Type it adds
     to a body the upstream sent without one).
-Used by sigproxy.upstream (the client side):
-  * ``client_proto.ResponseHandler(loop)``, ``set_response_params(skip_payload=,
-    read_until_eof=, auto_decompress=, read_timeout=)``, ``start_timeout()``, ``read()``,
-    ``should_close``, ``is_connected()``, ``transport``, ``close()``, ``data_received`` and
-    ``connection_lost`` (which feeds EOF to a read-until-close body on any close);
-  * ``ResponseHandler._parser.feed_eof()``: None between messages, a message or an error
-    once another one has begun.
+sigproxy.upstream (the client side) uses none: it parses responses with httptools
+(tests/test_upstream_parser.py).
 """
 
 from __future__ import annotations
@@ -35,17 +30,13 @@ import inspect
 import json
 from collections import deque
 
-import pytest
 from aiohttp import web
-from aiohttp.client_proto import ResponseHandler
 from aiohttp.http_exceptions import BadHttpMessage
 from aiohttp.http_parser import HttpRequestParser
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
 from sigproxy.config import Limits
 from sigproxy.protocol import BoundedRequestHandler, BoundedServer, ListenerRunner
-from sigproxy.routing import Origin
-from sigproxy.upstream import ConnectionClosed, UpstreamClient
 
 from .support import read_response
 
@@ -119,103 +110,3 @@ async def test_server_internals_behave_as_relied_on() -> None:
         assert (resp.status, resp.body) == (200, b"ok")
     finally:
         await runner.cleanup()
-
-
-def test_client_side_names_exist() -> None:
-    params = inspect.signature(ResponseHandler.set_response_params).parameters
-    assert {"skip_payload", "read_until_eof", "auto_decompress", "read_timeout"} <= set(params)
-    for name in ("start_timeout", "read", "is_connected", "close", "data_received"):
-        assert callable(getattr(ResponseHandler, name)), name
-    assert isinstance(ResponseHandler.should_close, property)
-
-
-async def test_client_parser_feed_eof_between_and_inside_messages() -> None:
-    """``_parser.feed_eof()`` is None between messages and not None (or raises) once a
-    second response has begun: how a pooled connection is judged reusable."""
-    sent: list[bytes] = []
-    done: list[asyncio.Task[None]] = []
-
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        done.append(asyncio.current_task())  # type: ignore[arg-type]
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(sent[0])
-        await writer.drain()
-        await reader.read()  # until the client closes
-        writer.close()
-        await writer.wait_closed()
-
-    server = await asyncio.start_server(answer, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    loop = asyncio.get_running_loop()
-    try:
-        for tail, reusable in ((b"", True), (b"HTTP/1.1 200 OK\r\nContent-Le", False)):
-            sent[:] = [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi" + tail]
-            _, protocol = await loop.create_connection(
-                lambda: ResponseHandler(loop), "127.0.0.1", port
-            )
-            protocol.set_response_params(
-                skip_payload=False, read_until_eof=True, auto_decompress=False, read_timeout=5
-            )
-            assert protocol.transport is not None
-            protocol.transport.write(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
-            protocol.start_timeout()
-            message, payload = await protocol.read()
-            assert message.code == 200
-            assert await payload.read() == b"hi"
-            await asyncio.sleep(0.05)  # the tail, if any, has been parsed
-            parser = protocol._parser
-            assert parser is not None
-            try:
-                between = parser.feed_eof() is None
-            except Exception:
-                between = False
-            assert between is reusable
-            assert protocol.is_connected()
-            protocol.close()
-        await asyncio.wait_for(asyncio.gather(*done), 5)
-    finally:
-        server.close()
-        await server.wait_closed()
-
-
-@pytest.mark.parametrize("reset", [False, True])
-async def test_client_connection_lost_ends_a_close_delimited_body(reset: bool) -> None:
-    """aiohttp ends a read-until-close body on any close; sigproxy's client turns a reset
-    into an error (tests/test_upstream.py checks that), relying on this."""
-    import socket
-    import struct
-
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\n\r\npartial")
-        await writer.drain()
-        if reset:
-            sock = writer.get_extra_info("socket")
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            writer.transport.abort()
-        else:
-            writer.close()
-
-    server = await asyncio.start_server(answer, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        client = UpstreamClient()
-        up = await client.request(
-            Origin("http", "127.0.0.1", port),
-            "GET",
-            "/",
-            [("Host", "h")],
-            b"",
-            connect_timeout=5,
-            read_timeout=5,
-        )
-        if reset:
-            with pytest.raises(ConnectionClosed, match="cut the response body short"):
-                await up.read()
-        else:
-            assert await up.read() == b"partial"
-        up.release()
-        await client.close()
-    finally:
-        server.close()
-        await server.wait_closed()
