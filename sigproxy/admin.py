@@ -7,14 +7,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .hosts import hostname
+from .http1 import Handler, Request
 from .metrics import Metrics
-from .protocol import Handler
 from .proxy import Proxy
 from .routing import RouteTable
 
@@ -57,33 +56,34 @@ def admin_handler(proxy: Proxy, metrics: Metrics, state: ServerState) -> Handler
     Host names are checked as on the proxy port, and any IP address is accepted too
     (probes and Prometheus address a pod by its IP)."""
 
-    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(request: Request) -> None:
         host = request.headers.get("Host")
         if host is not None and not proxy.table.admin_hosts.allows(hostname(host)):
-            return _json(421, {"error": "host_not_allowed", "message": "unknown host name"})
-        if request.method not in ("GET", "HEAD"):
-            return _json(405, {"error": "method_not_allowed", "message": "GET only"})
-        path = request.path
-        if path == "/metrics":
+            await _json(request, 421, {"error": "host_not_allowed", "message": "unknown host name"})
+        elif request.method not in ("GET", "HEAD"):
+            await _json(request, 405, {"error": "method_not_allowed", "message": "GET only"})
+        elif (path := request.raw_path.partition("?")[0]) == "/metrics":
             body = metrics.exposition()
-            return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-        if path == "/healthz":
+            await request.respond(200, [("Content-Type", CONTENT_TYPE_LATEST)], body)
+        elif path == "/healthz":
             # Answering at all shows the event loop is turning.
-            return _json(200, {"status": "ok"})
-        if path == "/readyz":
+            await _json(request, 200, {"status": "ok"})
+        elif path == "/readyz":
             reasons = readiness(state, proxy.table)
             if reasons:
-                return _json(503, {"status": "not ready", "reasons": reasons})
-            return _json(200, {"status": "ready"})
-        return _json(404, {"error": "not_found", "message": "try /metrics, /healthz or /readyz"})
+                await _json(request, 503, {"status": "not ready", "reasons": reasons})
+            else:
+                await _json(request, 200, {"status": "ready"})
+        else:
+            message = "try /metrics, /healthz or /readyz"
+            await _json(request, 404, {"error": "not_found", "message": message})
 
     return handle
 
 
-def _json(status: int, body: dict[str, object]) -> web.Response:
-    return web.Response(
-        status=status, body=json.dumps(body).encode(), content_type="application/json"
-    )
+async def _json(request: Request, status: int, body: dict[str, object]) -> None:
+    headers = [("Content-Type", "application/json")]
+    await request.respond(status, headers, json.dumps(body).encode())
 
 
 class CredentialCollector(Collector):

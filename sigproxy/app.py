@@ -9,32 +9,29 @@ import functools
 import gc
 import logging
 import os
-import re
 import resource
 import signal
 import socket
-import ssl
-import time
 from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CollectorRegistry
 
 from .admin import CredentialCollector, ServerState, admin_handler
 from .config import Config, ListenTls, check_exposure
 from .credentials import CredentialStore
 from .errors import ConfigError, CredentialsError, ListenError, listen_failure
-from .http1 import Connection, Http1Server
+from .http1 import Http1Server
+from .listener import Listener, TlsListener
 from .logs import protect_secrets
 from .metrics import Metrics
 from .notify import Notifier
-from .protocol import ListenerRunner
 from .proxy import Proxy
 from .routing import RouteTable
-from .tls import server_context
 from .upstream import UpstreamClient
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 log = logging.getLogger("sigproxy")
 
@@ -63,35 +60,42 @@ def create_proxy(
     return proxy
 
 
-def make_runner(
-    proxy: Proxy, *, shutdown_timeout: float = 30.0, idle_timeout: float | None = None
-) -> web.BaseRunner:
-    """A runner for the proxy port, served by :mod:`sigproxy.http1`: a client that
+def proxy_server(proxy: Proxy, *, idle_timeout: float | None = None) -> Http1Server:
+    """The proxy port's HTTP/1.1 server (:mod:`sigproxy.http1`): a client that
     disconnects cancels its handler (and so its upstream request); request bodies pass
     as they came (never decompressed); parser errors are answered in JSON; heads and
     connections are capped by ``limits``; a connection that sends no complete request
     head within ``idle_timeout`` seconds (default ``client_timeouts.header``) is closed.
     The proxy's upstream connections are closed by :meth:`Proxy.close`, after it."""
     config = proxy.table.config
-    server = Http1Server(
+    return Http1Server(
         proxy.handle,
         limits=config.limits,
         what="proxy listener",
         header_timeout=config.client_timeouts.header if idle_timeout is None else idle_timeout,
     )
-    # aiohttp's runner and sites start and stop any protocol factory with pre_shutdown()
-    # and shutdown(): listeners, TLS and workers are set up as for the admin listener.
+
+
+def make_runner(
+    proxy: Proxy, *, shutdown_timeout: float = 30.0, idle_timeout: float | None = None
+) -> web.BaseRunner:
+    """The proxy port as an aiohttp runner, for a program that starts its sites with
+    aiohttp (``web.TCPSite(runner, host, port)``): :func:`proxy_server` under aiohttp's
+    runner, which starts and stops any protocol factory with ``pre_shutdown()`` and
+    ``shutdown()``. ``sigproxy serve`` itself does not load aiohttp."""
+    from aiohttp import web
+
+    server = proxy_server(proxy, idle_timeout=idle_timeout)
     return web.ServerRunner(server, shutdown_timeout=shutdown_timeout)  # type: ignore[arg-type]
 
 
-def make_admin_runner(proxy: Proxy, state: ServerState) -> web.BaseRunner:
-    """A runner for the admin listener, bounded like the proxy port."""
+def admin_server(proxy: Proxy, state: ServerState) -> Http1Server:
+    """The admin listener's server, bounded like the proxy port."""
     config = proxy.table.config
-    return ListenerRunner(
+    return Http1Server(
         admin_handler(proxy, proxy.metrics, state),
-        what="admin listener",
         limits=config.limits,
-        shutdown_timeout=5.0,
+        what="admin listener",
         header_timeout=config.client_timeouts.header,
     )
 
@@ -116,13 +120,11 @@ async def stop_signals() -> AsyncIterator[asyncio.Event]:
 
 
 @contextlib.asynccontextmanager
-async def running_proxy(
-    config: Config, credentials: CredentialStore
-) -> AsyncIterator[web.BaseRunner]:
+async def running_proxy(config: Config, credentials: CredentialStore) -> AsyncIterator[Listener]:
     """The proxy listening on ``config.listen`` for the block (no admin listener, no
     signals: ``sigproxy demo``'s); stopped and its upstream connections closed after."""
     proxy = create_proxy(config, credentials=credentials)
-    runner = make_runner(proxy, shutdown_timeout=config.grace_period)
+    runner = Listener(proxy_server(proxy), grace=config.grace_period)
     tls = _tls_listener(config.listen.tls, config)
     proxy.start()
     try:
@@ -135,7 +137,7 @@ async def running_proxy(
 
 
 async def _listen(
-    runner: web.BaseRunner,
+    runner: Listener,
     host: str,
     port: int,
     what: str,
@@ -145,22 +147,14 @@ async def _listen(
 ) -> None:
     """Open ``runner``'s listening socket, serving TLS with ``tls``'s context when given;
     the caller logs it once every listener is up."""
-    await runner.setup()
-    site: web.BaseSite
-    if tls is not None:
-        site = TlsSite(runner, tls, host, port, sock)
-    elif sock is not None:
-        site = web.SockSite(runner, sock)
-    else:
-        site = web.TCPSite(runner, host, port, reuse_address=True)
     try:
-        await site.start()
+        await runner.start(host, port, sock, tls=tls)
     except OSError as exc:
         await runner.cleanup()
         raise ListenError(listen_failure(what, host, port, exc)) from None
 
 
-def _log_listening(what: str, runner: web.BaseRunner, scheme: str = "http") -> None:
+def _log_listening(what: str, runner: Listener, scheme: str = "http") -> None:
     for address in listening_urls(runner, scheme):
         log.info("%s listening on %s", what, address)
 
@@ -170,198 +164,6 @@ def _tls_listener(spec: ListenTls | None, config: Config) -> TlsListener | None:
     if spec is None:
         return None
     return TlsListener(spec, handshake_timeout=config.client_timeouts.header)
-
-
-class TlsListener:
-    """The proxy listener's TLS: the context new handshakes use, made from ``spec``'s
-    files, and made again from them by :meth:`reload`."""
-
-    def __init__(self, spec: ListenTls, *, handshake_timeout: float) -> None:
-        self.spec = spec
-        self.handshake_timeout = handshake_timeout
-        self.context: ssl.SSLContext = server_context(spec)
-        self._quiet_until = 0.0
-
-    def reload(self) -> ssl.SSLContext:
-        """A context from the files as they are now (raises ConfigError); the caller swaps
-        it in with :meth:`use` once the rest of the reload has succeeded."""
-        return server_context(self.spec)
-
-    def use(self, context: ssl.SSLContext) -> None:
-        # Handshakes from now on; a connection keeps the context it was made with.
-        self.context = context
-
-    def refused(self, transport: asyncio.BaseTransport, exc: BaseException) -> None:
-        """Log a failed handshake: at INFO at most once a minute (a port scanner or a
-        client without a certificate must not flood the log), else at DEBUG."""
-        now = time.monotonic()
-        level = logging.INFO if now >= self._quiet_until else logging.DEBUG
-        if level == logging.INFO:
-            self._quiet_until = now + 60
-        peer = transport.get_extra_info("peername")
-        address = peer[0] if isinstance(peer, tuple) and peer else "a client"
-        log.log(
-            level,
-            "proxy listener: TLS handshake with %s failed: %s (more within a minute are "
-            "logged at debug)",
-            address,
-            _handshake_failure(exc, self.handshake_timeout),
-        )
-
-
-def _handshake_failure(exc: BaseException, timeout: float) -> str:
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"client certificate refused: {exc.verify_message}"
-    if isinstance(exc, ssl.SSLError) and exc.reason == "HTTP_REQUEST":
-        return "a plain HTTP request; this listener speaks HTTPS (https:// URLs)"
-    if isinstance(exc, ssl.SSLError) and exc.reason == "TLSV1_ALERT_UNKNOWN_CA":
-        return "the client does not trust the listener's certificate (tlsv1 alert unknown ca)"
-    if isinstance(exc, ssl.SSLError) and exc.reason:
-        return exc.reason.lower().replace("_", " ")
-    if isinstance(exc, ConnectionAbortedError | TimeoutError):
-        return f"no handshake within {timeout:g}s (client_timeouts.header)"
-    if isinstance(exc, ConnectionError):
-        return "the client closed the connection"
-    return re.sub(r" \(_ssl\.c:\d+\)$", "", str(exc)) or type(exc).__name__
-
-
-class TlsSite(web.BaseSite):
-    """The proxy listener over TLS, on ``sock`` (a supervisor's) or bound to host/port.
-
-    Every handshake uses the listener's context as it is then, so a reload that swaps it
-    leaves open connections alone. The runner's server makes each connection's protocol
-    at the accept, so a connection counts against ``limits.max_client_connections`` from
-    its first byte (over the cap it is closed before any handshake work); the protocol
-    hears of the connection once the handshake is done, or of its loss if it never is.
-    """
-
-    __slots__ = ("_handshakes", "_host", "_port", "_sock", "_tls")
-
-    def __init__(
-        self,
-        runner: web.BaseRunner,
-        tls: TlsListener,
-        host: str,
-        port: int,
-        sock: socket.socket | None = None,
-    ) -> None:
-        super().__init__(runner, backlog=128)
-        self._tls = tls
-        self._host, self._port, self._sock = host, port, sock
-        self._handshakes: set[asyncio.Task[None]] = set()
-
-    @property
-    def name(self) -> str:
-        return f"https://{self._host}:{self._port}"
-
-    async def start(self) -> None:
-        await super().start()
-        loop = asyncio.get_running_loop()
-        if self._sock is not None:
-            self._server = await loop.create_server(
-                self._accept, sock=self._sock, backlog=self._backlog
-            )
-        else:
-            self._server = await loop.create_server(
-                self._accept, self._host, self._port, backlog=self._backlog, reuse_address=True
-            )
-
-    async def stop(self) -> None:
-        await super().stop()
-        for task in list(self._handshakes):
-            task.cancel()
-
-    def _accept(self) -> asyncio.Protocol:
-        return _Handshake(self._handshake)
-
-    def _handshake(self, transport: asyncio.Transport, guard: _Handshake) -> None:
-        server = self._runner.server
-        assert server is not None
-        protocol = server()
-        if not isinstance(protocol, RequestHandler | Connection):  # over the cap: logged
-            transport.abort()
-            return
-        transport.pause_reading()  # the ClientHello is for the TLS layer
-        task = asyncio.get_running_loop().create_task(self._start_tls(transport, guard, protocol))
-        self._handshakes.add(task)
-        task.add_done_callback(self._handshakes.discard)
-
-    async def _start_tls(
-        self, transport: asyncio.Transport, guard: _Handshake, protocol: RequestHandler | Connection
-    ) -> None:
-        tls = self._tls
-        try:
-            secure = await asyncio.get_running_loop().start_tls(
-                transport,
-                guard,
-                tls.context,
-                server_side=True,
-                ssl_handshake_timeout=tls.handshake_timeout,
-            )
-        except asyncio.CancelledError:  # the listener is stopping
-            transport.abort()
-            protocol.connection_lost(None)  # never connected: it only gives its place back
-            raise
-        except Exception as exc:
-            transport.abort()
-            protocol.connection_lost(exc)
-            tls.refused(transport, exc)
-            return
-        if secure is None:  # only for a transport that is closing already
-            protocol.connection_lost(None)
-            return
-        guard.hand_over(secure, protocol)
-
-
-class _Handshake(asyncio.Protocol):
-    """A TLS connection's protocol until the server's takes over: on the accepted
-    transport, it asks for the handshake; during it, it stands in for the server's
-    protocol, and what arrives before the handover (a request sent together with the
-    handshake's last flight, an end of stream, the loss of the connection) is passed on."""
-
-    __slots__ = ("_early", "_eof", "_lost", "_protocol", "_start")
-
-    def __init__(self, start: Callable[[asyncio.Transport, _Handshake], None]) -> None:
-        self._start = start
-        self._protocol: asyncio.Protocol | None = None
-        self._early: list[bytes] = []
-        self._eof = False
-        self._lost: tuple[Exception | None] | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
-        self._start(cast(asyncio.Transport, transport), self)
-
-    def hand_over(self, transport: asyncio.Transport, protocol: asyncio.Protocol) -> None:
-        if self._lost is not None:
-            protocol.connection_lost(self._lost[0])
-            return
-        transport.set_protocol(protocol)
-        self._protocol = protocol
-        protocol.connection_made(transport)
-        for data in self._early:
-            protocol.data_received(data)
-        self._early.clear()
-        if self._eof:
-            protocol.eof_received()
-
-    def data_received(self, data: bytes) -> None:
-        if self._protocol is not None:
-            self._protocol.data_received(data)
-        else:
-            self._early.append(data)
-
-    def eof_received(self) -> bool | None:
-        if self._protocol is not None:
-            return self._protocol.eof_received()
-        self._eof = True
-        return None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._protocol is not None:
-            self._protocol.connection_lost(exc)
-        else:
-            self._lost = (exc,)
 
 
 class Server:
@@ -394,9 +196,9 @@ class Server:
             config, credentials=credentials, multiprocess_dir=multiprocess_dir
         )
         self.metrics = self.proxy.metrics
-        self._runner = make_runner(self.proxy, shutdown_timeout=config.grace_period)
+        self._runner = Listener(proxy_server(self.proxy), grace=config.grace_period)
         self._tls: TlsListener | None = None
-        self._admin: web.BaseRunner | None = None
+        self._admin: Listener | None = None
         self._reload_lock = asyncio.Lock()
         self.on_ready: Callable[[], None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -417,7 +219,7 @@ class Server:
             self._runner, config.listen.host, config.listen.port, "proxy", self._sock, tls=self._tls
         )
         if config.admin is not None:
-            self._admin = make_admin_runner(self.proxy, self.state)
+            self._admin = Listener(admin_server(self.proxy, self.state), grace=5.0)
             try:
                 await _listen(
                     self._admin, config.admin.host, config.admin.port, "admin", self._admin_sock
@@ -577,7 +379,7 @@ async def _watch_parent(parent: int, stop: asyncio.Event) -> None:
     stop.set()
 
 
-def listening_urls(runner: web.BaseRunner, scheme: str = "http") -> list[str]:
+def listening_urls(runner: Listener | web.BaseRunner, scheme: str = "http") -> list[str]:
     """``http://host:port`` (or ``scheme``'s) for each socket the runner listens on."""
     return [_format_address(a, scheme) for a in runner.addresses]
 

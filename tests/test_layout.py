@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+from .conftest import FakeFunctionUrl, one_upstream
+from .support import raw_request
+from .test_process import serve_process, write
 
 PURE = [
     "config",
@@ -36,3 +41,20 @@ def test_pure_module_imports_no_io_library(module: str) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]", f"sigproxy.{module} imports {result.stdout.strip()}"
+
+
+async def test_serve_runs_without_aiohttp(upstream: FakeFunctionUrl, tmp_path: Path) -> None:
+    """`sigproxy serve` (proxy port, admin listener, upstream side) is sigproxy.http1 on
+    httptools: aiohttp, which the emulator and the demo use, is not in the serving
+    process (about 10 MiB per worker). Checked in the real process's memory map."""
+    path = write(tmp_path, one_upstream(upstream.port))
+    async with serve_process(path) as served:
+        resp = await raw_request(served.port, "POST", "/x", [], b"{}")
+        assert resp.status == 200
+        assert served.admin_port is not None
+        metrics = await raw_request(served.admin_port, "GET", "/metrics")
+        assert metrics.status == 200 and b"sigproxy_requests_total" in metrics.body
+        maps = Path(f"/proc/{served.proc.pid}/maps").read_text()
+        assert "httptools" in maps
+        assert "aiohttp" not in maps
+        assert await served.stop() == 0
