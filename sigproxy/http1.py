@@ -45,7 +45,8 @@ Handler = Callable[["Request"], Awaitable[None]]
 
 MAX_LINE = 8190  # bytes in the request target or one header field (aiohttp's bound)
 MAX_HEADERS = 128
-QUEUED_REQUESTS = 2
+QUEUED_REQUESTS = 2  # per connection: one in the handler's hands, one waiting
+_WAITING = QUEUED_REQUESTS - 1
 BODY_HIGH_WATER = 1 << 16  # unread body bytes before reading stops
 _LINGER_ZERO = struct.pack("ii", 1, 0)
 _EMPTY_STATUS = frozenset({204, 304})
@@ -177,8 +178,17 @@ class Request:
 
     @property
     def host(self) -> str:
+        """The Host header, or (an HTTP/1.0 request without one) the address the
+        connection came to, never a DNS lookup."""
         host = self.headers.get("Host")
-        return host if host is not None else socket.getfqdn()
+        if host is not None:
+            return host
+        transport = self._conn.transport
+        local = transport.get_extra_info("sockname") if transport is not None else None
+        if isinstance(local, tuple) and len(local) >= 2:
+            address = str(local[0])
+            return f"[{address}]:{local[1]}" if ":" in address else f"{address}:{local[1]}"
+        return "localhost"
 
     @property
     def transport(self) -> asyncio.Transport | None:
@@ -332,15 +342,18 @@ class Connection(asyncio.Protocol):
     __slots__ = (
         "_body_paused",
         "_closing",
+        "_continued",
         "_drain_waiter",
         "_head_bytes",
         "_head_size",
         "_headers",
         "_idle_timer",
         "_in_head",
+        "_last",
         "_loop",
         "_parser",
         "_pending",
+        "_progressed",
         "_queue",
         "_queue_waiter",
         "_reading_paused",
@@ -348,7 +361,9 @@ class Connection(asyncio.Protocol):
         "_refusal",
         "_refused",
         "_server",
+        "_stalled",
         "_task",
+        "_unparsed",
         "_url",
         "_write_paused",
         "current",
@@ -376,6 +391,11 @@ class Connection(asyncio.Protocol):
         self._in_head = True
         self._refused = False
         self._refusal: _Refusal | None = None
+        self._unparsed = b""  # the rest of a read, held while the queue is full
+        self._progressed = False  # the last feed gave body bytes or ended a message
+        self._stalled = 0  # bytes since the body last progressed
+        self._last: Request | None = None  # the request parsed last
+        self._continued: Request | None = None  # whose body a new parser reads on
         self._closing = False
         self._reading_paused = False
         self._body_paused = False
@@ -432,22 +452,68 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._refused or self._closing:
             return
+        if self._unparsed:  # (reading is paused meanwhile; kept in order all the same)
+            self._unparsed += data
+            return
+        self._parse(data)
+
+    def _parse(self, data: bytes) -> None:
+        """Feed ``data`` to llhttp one request head at a time, and stop once the queue
+        is full: llhttp parses all it is given, and one read of tiny pipelined requests
+        would otherwise become thousands of queued ones. The rest waits, unparsed (at
+        most one read), until a request is taken."""
         limit = self._server.limits.max_header_bytes
-        if self._in_head:
-            self._head_bytes += len(data)
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._upgraded()
-            return
-        except (httptools.HttpParserError, _Refusal) as exc:
-            # llhttp reports a callback's exception as its own: the refusal it carried
-            # is kept here.
-            refusal, self._refusal = self._refusal, None
-            self._refuse(refusal if refusal is not None else _malformed(exc))
-            return
-        if self._in_head and self._head_bytes > limit:
-            self._refuse(_head_too_large())
+        start, size = 0, len(data)
+        while start < size:
+            if len(self._queue) >= _WAITING:
+                self._unparsed = data[start:]
+                self._update_reading()
+                return
+            end = data.find(b"\r\n\r\n", start)
+            stop = size if end < 0 else end + 4
+            chunk = data if start == 0 and stop == size else data[start:stop]
+            start = stop
+            in_head = self._in_head
+            if in_head:
+                self._head_bytes += len(chunk)
+            self._progressed = False
+            try:
+                self._parser.feed_data(chunk)
+            except httptools.HttpParserUpgrade as exc:
+                # What follows the head (an Upgrade request's body included) is parsed
+                # on by a new parser, or never (CONNECT).
+                data = chunk[exc.args[0] :] + data[start:]
+                start, size = 0, len(data)
+                if not self._upgraded():
+                    return
+                continue
+            except (httptools.HttpParserError, _Refusal) as exc:
+                # llhttp reports a callback's exception as its own: the refusal it
+                # carried is kept here.
+                refusal, self._refusal = self._refusal, None
+                self._refuse(refusal if refusal is not None else _malformed(exc))
+                return
+            if self._in_head:
+                if self._head_bytes > limit:
+                    self._refuse(_head_too_large())
+                    return
+            elif self._progressed:
+                self._stalled = 0
+            elif not in_head:
+                # Bytes inside a message that gave no body and ended nothing: chunk
+                # sizes, extensions and trailers, which llhttp buffers whole. Bounded
+                # like a head.
+                self._stalled += len(chunk)
+                if self._stalled > limit:
+                    self._refuse(_Refusal(400, "bad_request", _FRAMING_TOO_LARGE))
+                    return
+
+    def _resume_parsing(self) -> None:
+        """A request was taken from the queue: parse what waited, then read again."""
+        data, self._unparsed = self._unparsed, b""
+        if data and not self._refused and not self._closing:
+            self._parse(data)
+        self._update_reading()
 
     def eof_received(self) -> bool | None:
         # A half-close ends the requests: answered ones are done, a partial one is lost.
@@ -472,6 +538,7 @@ class Connection(asyncio.Protocol):
         self._url = []
         self._headers = []
         self._head_size = 0
+        self._stalled = 0
 
     def on_url(self, url: bytes) -> None:
         self._url.append(url)
@@ -485,6 +552,9 @@ class Connection(asyncio.Protocol):
             raise self._stop(431, "headers_too_large", "a request header is too large")
         if len(headers) >= MAX_HEADERS:
             raise self._stop(431, "headers_too_large", "too many request headers")
+        # llhttp strips the whitespace before a value, not after it (RFC 9110 5.5: not
+        # part of the value either).
+        value = value.rstrip(b" \t")
         headers.append((name, value))
         self._head_size += len(name) + len(value) + 4
         if self._head_size > self._server.limits.max_header_bytes:
@@ -494,6 +564,12 @@ class Connection(asyncio.Protocol):
         parser = self._parser
         self._in_head = False
         self._head_bytes = 0
+        self._progressed = True
+        continued = self._continued
+        if continued is not None:  # the framing head _upgraded() made: the body follows
+            self._continued = None
+            self._receiving = continued
+            return
         self._cancel_idle()
         raw = self._headers
         # Bytes that are not UTF-8 stay as surrogate escapes, as aiohttp decodes them.
@@ -532,12 +608,13 @@ class Connection(asyncio.Protocol):
             # Trailers are never passed on, and a connection that carried a chunked
             # request is not trusted with the next one: it closes after the answer.
             request.close_after = True
-        self._receiving = request
+        self._receiving = self._last = request
         self._queue.append(request)
         self._wake_queue()
         self._update_reading()
 
     def on_body(self, body: bytes) -> None:
+        self._progressed = True
         request = self._receiving
         if request is not None:
             request._feed(body)
@@ -545,7 +622,11 @@ class Connection(asyncio.Protocol):
                 self._body_paused = True
                 self._update_reading()
 
+    def on_chunk_header(self) -> None:
+        self._progressed = True
+
     def on_message_complete(self) -> None:
+        self._progressed = True
         request = self._receiving
         if request is not None:
             self._receiving = None
@@ -568,7 +649,7 @@ class Connection(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
-        pause = self._body_paused or len(self._queue) >= QUEUED_REQUESTS or self._refused
+        pause = self._body_paused or len(self._queue) >= _WAITING or self._refused
         if pause != self._reading_paused:
             self._reading_paused = pause
             if pause:
@@ -658,17 +739,31 @@ class Connection(asyncio.Protocol):
         self._wake_queue()
         self._update_reading()
 
-    def _upgraded(self) -> None:
-        # CONNECT or an Upgrade request: its head is queued (the handler refuses or
-        # answers it); what follows is not HTTP, and is never read.
-        self._refused = True
-        request = self._receiving
-        if request is not None:
-            request.close_after = True
-            request.keep_alive = False
-            self._receiving = None
-            request._end()
-        self._update_reading()
+    def _upgraded(self) -> bool:
+        """llhttp stopped after a CONNECT or an Upgrade request, whose head is queued.
+        After CONNECT what follows is a tunnel's bytes: nothing more is read, and the
+        connection closes after the answer. sigproxy never switches protocols, so after
+        an Upgrade request HTTP/1.1 goes on, on a new parser; httptools skipped the
+        body such a request declared, so the new parser is first given a head with its
+        framing, and reads the body on. Returns whether to go on parsing."""
+        request = self._last
+        self._parser = httptools.HttpRequestParser(self)
+        if request is None or request.method == "CONNECT":
+            self._refused = True
+            if request is not None:
+                request.close_after = True
+            self._update_reading()
+            return False
+        if request.body_exists:
+            request.complete = False
+            self._receiving = self._continued = request
+            framing = (
+                b"Content-Length: %d" % request.content_length
+                if request.content_length is not None
+                else b"Transfer-Encoding: chunked"
+            )
+            self._parser.feed_data(b"POST / HTTP/1.1\r\n%s\r\n\r\n" % framing)
+        return True
 
     # --- the handler loop -------------------------------------------------------------
 
@@ -686,7 +781,7 @@ class Connection(asyncio.Protocol):
                     finally:
                         self._queue_waiter = None
                 item = queue.popleft()
-                self._update_reading()
+                self._resume_parsing()
                 if isinstance(item, _Refusal):
                     await self._answer_refusal(item)
                     return
@@ -755,6 +850,9 @@ class Connection(asyncio.Protocol):
 
 _HEAD_TOO_LARGE = "the request head is over limits.max_header_bytes"
 _MALFORMED = "malformed HTTP request: "
+_FRAMING_TOO_LARGE = (
+    "the request body's chunk sizes, extensions or trailers are over limits.max_header_bytes"
+)
 _ESCAPE = "surrogateescape"
 
 

@@ -400,9 +400,11 @@ class _Connection(asyncio.Protocol):
         "paused",
         "phase",
         "pool",
+        "progressed",
         "read_timeout",
         "response",
         "spent",
+        "stalled",
         "stray",
         "timer",
         "transport",
@@ -430,6 +432,8 @@ class _Connection(asyncio.Protocol):
         self.until_close = False  # the body ends where the connection does
         self.stray = False  # bytes came that no request asked for
         self.paused = False  # reading stopped: the response's unread body is full
+        self.progressed = False  # the last read gave body bytes or ended a head
+        self.stalled = 0  # bytes read in the body since it last progressed
         self.read_timeout: float | None = None
         self.last_read = 0.0
         self.timer: asyncio.TimerHandle | None = None
@@ -523,6 +527,7 @@ class _Connection(asyncio.Protocol):
             return
         if self.read_timeout:
             self.last_read = self.loop.time()
+        self.progressed = False
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -538,6 +543,15 @@ class _Connection(asyncio.Protocol):
             self.head_bytes += len(data)
             if self.head_bytes > _MAX_HEAD:
                 self._fail(_Malformed(f"a response head over {_MAX_HEAD} bytes"))
+        elif self.phase == _BODY:
+            if self.progressed:
+                self.stalled = 0
+            else:
+                # Chunk sizes, extensions and trailers, which llhttp buffers whole until
+                # they end: bounded like a head.
+                self.stalled += len(data)
+                if self.stalled > _MAX_HEAD:
+                    self._fail(_Malformed(f"chunk framing or trailers over {_MAX_HEAD} bytes"))
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.transport = None
@@ -583,6 +597,11 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         parser = self.parser
         status = parser.get_status_code()
+        self.progressed = True
+        self.stalled = 0
+        if status < 100:
+            # llhttp takes any three digits; the client could not be told this one.
+            raise _Malformed(f"status code {status:03d}")
         if 100 <= status < 200:
             if status == 101:
                 # sigproxy never asks to switch: what follows is not HTTP.
@@ -610,7 +629,11 @@ class _Connection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(response)
 
+    def on_chunk_header(self) -> None:
+        self.progressed = True
+
     def on_body(self, body: bytes) -> None:
+        self.progressed = True
         response = self.response
         if self.phase != _BODY or response is None:
             self.stray = True  # after a HEAD response: bytes nobody asked for
@@ -625,6 +648,7 @@ class _Connection(asyncio.Protocol):
                 transport.pause_reading()
 
     def on_message_complete(self) -> None:
+        self.progressed = True
         if self.phase == _BODY:
             self._complete()
         # else an interim response's end, or one whose end was decided at its head
