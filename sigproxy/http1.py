@@ -46,7 +46,6 @@ Handler = Callable[["Request"], Awaitable[None]]
 MAX_LINE = 8190  # bytes in the request target or one header field (aiohttp's bound)
 MAX_HEADERS = 128
 QUEUED_REQUESTS = 2  # per connection: one in the handler's hands, one waiting
-_WAITING = QUEUED_REQUESTS - 1
 BODY_HIGH_WATER = 1 << 16  # unread body bytes before reading stops
 _LINGER_ZERO = struct.pack("ii", 1, 0)
 _EMPTY_STATUS = frozenset({204, 304})
@@ -465,7 +464,7 @@ class Connection(asyncio.Protocol):
         limit = self._server.limits.max_header_bytes
         start, size = 0, len(data)
         while start < size:
-            if len(self._queue) >= _WAITING:
+            if self._full():
                 self._unparsed = data[start:]
                 self._update_reading()
                 return
@@ -649,13 +648,18 @@ class Connection(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
-        pause = self._body_paused or len(self._queue) >= _WAITING or self._refused
+        pause = self._body_paused or self._full() or self._refused
         if pause != self._reading_paused:
             self._reading_paused = pause
             if pause:
                 transport.pause_reading()
             else:
                 transport.resume_reading()
+
+    def _full(self) -> bool:
+        """Two requests are taken: one in the handler's hands (or waiting for them) and
+        one waiting. A client that does not pipeline never fills it."""
+        return len(self._queue) + (self.current is not None) >= QUEUED_REQUESTS
 
     def _wake_queue(self) -> None:
         waiter = self._queue_waiter
@@ -781,11 +785,11 @@ class Connection(asyncio.Protocol):
                     finally:
                         self._queue_waiter = None
                 item = queue.popleft()
-                self._resume_parsing()
                 if isinstance(item, _Refusal):
                     await self._answer_refusal(item)
                     return
                 self.current = item
+                self._resume_parsing()
                 self._pending += 1
                 try:
                     await handler(item)
