@@ -36,14 +36,16 @@ def printable(text: str) -> str:
     return _UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()) & 0xFF:02x}", text)
 
 
+def _json_time(created: float) -> str:
+    return datetime.datetime.fromtimestamp(created, datetime.UTC).isoformat(timespec="milliseconds")
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message and any ``extra`` fields."""
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
-            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(
-                timespec="milliseconds"
-            ),
+            "time": _json_time(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
@@ -91,14 +93,18 @@ class TextFormatter(logging.Formatter):
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         if datefmt:
             return super().formatTime(record, datefmt)
-        second = int(record.created)
+        return self.stamp(record.created, record.msecs)
+
+    def stamp(self, created: float, msecs: float) -> str:
+        """``asctime`` for a record created at ``created`` (epoch seconds)."""
+        second = int(created)
         cached, prefix = self._second
         if second != cached:
             # A local time has whole seconds (localtime() drops the fraction), so the
             # second's text serves every record of it.
-            prefix = time.strftime(self.default_time_format, self.converter(record.created))
+            prefix = time.strftime(self.default_time_format, self.converter(created))
             self._second = (second, prefix)
-        return f"{prefix},{int(record.msecs):03d}"
+        return f"{prefix},{int(msecs):03d}"
 
     def format(self, record: logging.LogRecord) -> str:
         message = record.message = record.getMessage()
@@ -144,9 +150,21 @@ class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         except Exception:
             self.handleError(record)
             return
-        self._pending.append(line)
         self._last = record
-        if record.levelno >= logging.WARNING:
+        self._keep(line, record.levelno)
+
+    def keep(self, line: str) -> None:
+        """An INFO line formatted already (see :class:`AccessLog`), kept like a record's."""
+        self.acquire()
+        try:
+            self._keep(line, logging.INFO)
+        finally:
+            self.release()
+
+    def _keep(self, line: str, level: int) -> None:
+        """The caller holds the handler's lock."""
+        self._pending.append(line)
+        if level >= logging.WARNING:
             self._write()
             return
         try:
@@ -227,6 +245,29 @@ class AccessLog:
 
     __slots__ = ("logger",)
 
+    def _direct(self) -> BatchingStreamHandler | None:
+        """The handler to give a formatted line to directly: when the access logger's
+        records would reach only sigproxy's own stderr handler (set up by
+        :func:`setup_logging`), with no filter or other handler on the way to see the
+        record itself. Otherwise None, and a record is made and handled."""
+        logger: logging.Logger | None = self.logger
+        root = logging.root
+        while logger is not None and logger is not root:
+            if logger.handlers or logger.filters or not logger.propagate:
+                return None
+            logger = logger.parent
+        if root.filters or len(root.handlers) != 1:
+            return None
+        handler = root.handlers[0]
+        if type(handler) is not BatchingStreamHandler or handler.filters:
+            return None
+        if handler.level > logging.INFO or handler.terminator != "\n":
+            return None
+        formatter = type(handler.formatter)
+        if formatter is not TextFormatter and formatter is not JsonFormatter:
+            return None
+        return handler
+
     def __init__(self, logger: logging.Logger) -> None:
         self.logger = logger
 
@@ -258,6 +299,51 @@ class AccessLog:
             return
         upstream_ms = None if upstream_time is None else round(upstream_time * 1000, 1)
         total = elapsed * 1000
+        handler = self._direct()
+        if handler is not None:
+            # The line the record would have become, without the record: sigproxy's own
+            # handler and formatters, and nothing on the way that could see a record.
+            created = time.time()
+            msecs = int((created - int(created)) * 1000) + 0.0  # as LogRecord computes it
+            message = self.FORMAT % (
+                request_id,
+                upstream,
+                method,
+                path,
+                status,
+                received,
+                sent,
+                total,
+                "-" if upstream_ms is None else upstream_ms,
+                "" if raw == path else f" raw={raw}",
+                "" if error is None else f" error={error}",
+            )
+            formatter = handler.formatter
+            if isinstance(formatter, TextFormatter):
+                line = f"{formatter.stamp(created, msecs)} INFO {logger.name}: {message}\n"
+            else:
+                line = _JSON.encode(
+                    {
+                        "time": _json_time(created),
+                        "level": "info",
+                        "logger": logger.name,
+                        "message": message,
+                        "request_id": request_id,
+                        "upstream": upstream,
+                        "method": method,
+                        "path": path,
+                        "raw_path": raw,
+                        "status": status,
+                        "bytes_in": received,
+                        "bytes_out": sent,
+                        "total_ms": round(total, 1),
+                        "upstream_ms": upstream_ms,
+                        "error": error,
+                    }
+                )
+                line += "\n"
+            handler.keep(line)
+            return
         record = logger.makeRecord(
             logger.name,
             logging.INFO,

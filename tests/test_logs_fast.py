@@ -8,6 +8,7 @@ import asyncio
 import copy
 import json
 import logging
+import re
 import subprocess
 import sys
 import time
@@ -384,3 +385,52 @@ def test_access_log_reaches_caplog(caplog: pytest.LogCaptureFixture) -> None:
         " raw=/orders/a%20b error=connect"
     )
     assert rec.__dict__["bytes_out"] == 120
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+@pytest.mark.parametrize("a", VARIANTS)
+def test_access_line_written_directly_is_the_records_line(fmt: str, a: dict[str, Any]) -> None:
+    """With setup_logging's own handler as the only one, AccessLog writes the line
+    without a record; it is the line the record made (as logger.info's, but for the
+    time), and a filter anywhere on the way brings the record back."""
+    import sigproxy.logs as logs
+
+    saved = logging.root.handlers[:], logging.root.level
+    stream = CountingStream()
+    try:
+        logs.setup_logging("info", fmt)
+        handler = logging.root.handlers[0]
+        assert isinstance(handler, BatchingStreamHandler)
+        handler.setStream(stream)  # type: ignore[arg-type]
+        logger = logging.getLogger("sigproxy.access")
+        access = AccessLog(logger)
+        assert access._direct() is handler
+        logged_as_today(logger, a)
+        access.write(**a)
+        handler.flush()
+        want, got = stream.text.splitlines()
+        if fmt == "json":
+            j_want, j_got = json.loads(want), json.loads(got)
+            assert list(j_got) == list(j_want)  # the same keys in the same order
+            assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00", j_got["time"])
+            j_want.pop("time")
+            j_got.pop("time")
+            assert j_got == j_want
+        else:
+            assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ", got[:24])
+            assert got[24:] == want[24:]
+        # Anything that could see the record: the record path again.
+        blocked = logging.Filter("nothing")
+        logging.getLogger("sigproxy").addFilter(blocked)
+        try:
+            assert access._direct() is None
+        finally:
+            logging.getLogger("sigproxy").removeFilter(blocked)
+        handler.addFilter(blocked)
+        try:
+            assert access._direct() is None
+        finally:
+            handler.removeFilter(blocked)
+    finally:
+        logging.root.handlers[:], level = saved
+        logging.root.setLevel(level)
