@@ -217,7 +217,12 @@ class Request:
                 await self._waiter
             finally:
                 self._waiter = None
-        return self.read_buffered()
+        # One piece at a time: the caller joins the pieces once.
+        piece = self._body.popleft()
+        self._body_size -= len(piece)
+        if self._body_size <= BODY_HIGH_WATER:
+            self._conn.body_taken()
+        return piece
 
     async def send_continue(self) -> None:
         """``100 Continue``, when the client asked for it and nothing was written yet."""
@@ -339,6 +344,8 @@ class Connection(asyncio.Protocol):
     them in order, keeps the connection alive between them."""
 
     __slots__ = (
+        "_after_chunked",
+        "_body_left",
         "_body_paused",
         "_closing",
         "_continued",
@@ -391,6 +398,8 @@ class Connection(asyncio.Protocol):
         self._refused = False
         self._refusal: _Refusal | None = None
         self._unparsed = b""  # the rest of a read, held while the queue is full
+        self._body_left = -1  # bytes of a body with a length still to come; -1: chunked
+        self._after_chunked = False  # a chunked request was parsed: no other will be
         self._progressed = False  # the last feed gave body bytes or ended a message
         self._stalled = 0  # bytes since the body last progressed
         self._last: Request | None = None  # the request parsed last
@@ -457,10 +466,12 @@ class Connection(asyncio.Protocol):
         self._parse(data)
 
     def _parse(self, data: bytes) -> None:
-        """Feed ``data`` to llhttp one request head at a time, and stop once the queue
-        is full: llhttp parses all it is given, and one read of tiny pipelined requests
+        """Feed ``data`` to llhttp one request at a time, and stop once the queue is
+        full: llhttp parses all it is given, and one read of tiny pipelined requests
         would otherwise become thousands of queued ones. The rest waits, unparsed (at
-        most one read), until a request is taken."""
+        most one read), until a request is taken. A head is fed up to its end, a body
+        with a length up to its end; a chunked body to the end of the read (llhttp stops
+        after it: the connection closes after its answer)."""
         limit = self._server.limits.max_header_bytes
         start, size = 0, len(data)
         while start < size:
@@ -468,8 +479,14 @@ class Connection(asyncio.Protocol):
                 self._unparsed = data[start:]
                 self._update_reading()
                 return
-            end = data.find(b"\r\n\r\n", start)
-            stop = size if end < 0 else end + 4
+            if self._in_head:
+                # Only within a head's bounds: a scan of a whole body would cost more
+                # than parsing it.
+                end = data.find(b"\r\n\r\n", start, start + limit + 4)
+                stop = size if end < 0 else end + 4
+            else:
+                left = self._body_left
+                stop = size if left < 0 else min(size, start + left)
             chunk = data if start == 0 and stop == size else data[start:stop]
             start = stop
             in_head = self._in_head
@@ -487,6 +504,11 @@ class Connection(asyncio.Protocol):
                     return
                 continue
             except (httptools.HttpParserError, _Refusal) as exc:
+                if self._after_chunked:
+                    # Stopped after a chunked request: nothing more is read.
+                    self._refused = True
+                    self._update_reading()
+                    return
                 # llhttp reports a callback's exception as its own: the refusal it
                 # carried is kept here.
                 refusal, self._refusal = self._refusal, None
@@ -533,6 +555,8 @@ class Connection(asyncio.Protocol):
     # --- llhttp callbacks ----------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self._after_chunked:
+            raise _Refusal(400, "bad_request", "no request is read after a chunked one")
         self._in_head = True
         self._url = []
         self._headers = []
@@ -607,6 +631,7 @@ class Connection(asyncio.Protocol):
             # Trailers are never passed on, and a connection that carried a chunked
             # request is not trusted with the next one: it closes after the answer.
             request.close_after = True
+        self._body_left = -1 if chunked else (length or 0)
         self._receiving = self._last = request
         self._queue.append(request)
         self._wake_queue()
@@ -614,10 +639,13 @@ class Connection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         self._progressed = True
+        if self._body_left > 0:
+            self._body_left -= len(body)
         request = self._receiving
         if request is not None:
             request._feed(body)
-            if request._body_size > BODY_HIGH_WATER:
+            # A reader waiting takes it at once; else the unread body is bounded.
+            if request._body_size > BODY_HIGH_WATER and request._waiter is None:
                 self._body_paused = True
                 self._update_reading()
 
@@ -630,6 +658,10 @@ class Connection(asyncio.Protocol):
         if request is not None:
             self._receiving = None
             request._end()
+            if request.content_length is None and request.body_exists:
+                # Chunked: its connection closes after the answer, so what llhttp would
+                # parse after it is never wanted; stop it here.
+                self._after_chunked = True
         self._in_head = True
         self._head_bytes = 0
 
@@ -760,6 +792,7 @@ class Connection(asyncio.Protocol):
             return False
         if request.body_exists:
             request.complete = False
+            self._after_chunked = False  # its body was not read yet: it is now
             self._receiving = self._continued = request
             framing = (
                 b"Content-Length: %d" % request.content_length
