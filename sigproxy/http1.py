@@ -127,7 +127,6 @@ class Request:
         "headers",
         "keep_alive",
         "method",
-        "output_size",
         "raw_path",
         "started",
         "version",
@@ -157,7 +156,6 @@ class Request:
         self.close_after = False
         self.started = False
         """The answer's head has been written."""
-        self.output_size = 0
         self._body: collections.deque[bytes] = collections.deque()
         self._body_size = 0
         self._error: BaseException | None = None
@@ -304,7 +302,6 @@ class Request:
         head = self._head(status, headers, len(body))
         empty = self.method == "HEAD" or status in _EMPTY_STATUS or status < 200
         data = head if empty or not body else head + body
-        self.output_size += len(data)
         self._done = True
         self._conn.write(data)
         await self._conn.drain()
@@ -314,7 +311,6 @@ class Request:
     ) -> None:
         """Write the head of an answer whose body follows with :meth:`write`."""
         data = self._head(status, headers, length)
-        self.output_size += len(data)
         self._conn.write(data)
         await self._conn.drain()
 
@@ -323,7 +319,6 @@ class Request:
             return
         if self._chunked_out:
             chunk = b"%x\r\n%s\r\n" % (len(chunk), chunk)
-        self.output_size += len(chunk)
         self._conn.write(chunk)
         await self._conn.drain()
 
@@ -358,7 +353,6 @@ class Connection(asyncio.Protocol):
         "_last",
         "_loop",
         "_parser",
-        "_pending",
         "_progressed",
         "_queue",
         "_queue_waiter",
@@ -410,7 +404,6 @@ class Connection(asyncio.Protocol):
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
-        self._pending = 0
 
     # --- asyncio.Protocol ----------------------------------------------------------
 
@@ -823,12 +816,10 @@ class Connection(asyncio.Protocol):
                     return
                 self.current = item
                 self._resume_parsing()
-                self._pending += 1
                 try:
                     await handler(item)
                 finally:
                     self.current = None
-                    self._pending -= 1
                 if self.transport is None:
                     return
                 if not item._done:  # the handler wrote no whole answer: nothing to keep

@@ -299,50 +299,53 @@ class AccessLog:
             return
         upstream_ms = None if upstream_time is None else round(upstream_time * 1000, 1)
         total = elapsed * 1000
+        args = (
+            request_id,
+            upstream,
+            method,
+            path,
+            status,
+            received,
+            sent,
+            total,
+            "-" if upstream_ms is None else upstream_ms,
+            "" if raw == path else f" raw={raw}",
+            "" if error is None else f" error={error}",
+        )
+        # The extra fields (none of these names is a LogRecord attribute: checked once,
+        # at import), in the order makeRecord(extra=...) would set them.
+        fields = {
+            "request_id": request_id,
+            "upstream": upstream,
+            "method": method,
+            "path": path,
+            "raw_path": raw,
+            "status": status,
+            "bytes_in": received,
+            "bytes_out": sent,
+            "total_ms": round(total, 1),
+            "upstream_ms": upstream_ms,
+            "error": error,
+        }
         handler = self._direct()
         if handler is not None:
             # The line the record would have become, without the record: sigproxy's own
             # handler and formatters, and nothing on the way that could see a record.
             created = time.time()
             msecs = int((created - int(created)) * 1000) + 0.0  # as LogRecord computes it
-            message = self.FORMAT % (
-                request_id,
-                upstream,
-                method,
-                path,
-                status,
-                received,
-                sent,
-                total,
-                "-" if upstream_ms is None else upstream_ms,
-                "" if raw == path else f" raw={raw}",
-                "" if error is None else f" error={error}",
-            )
+            message = self.FORMAT % args
             formatter = handler.formatter
             if isinstance(formatter, TextFormatter):
-                line = f"{formatter.stamp(created, msecs)} INFO {logger.name}: {message}\n"
+                line = f"{formatter.stamp(created, msecs)} INFO {logger.name}: {message}"
             else:
-                line = _JSON.encode(
-                    {
-                        "time": _json_time(created),
-                        "level": "info",
-                        "logger": logger.name,
-                        "message": message,
-                        "request_id": request_id,
-                        "upstream": upstream,
-                        "method": method,
-                        "path": path,
-                        "raw_path": raw,
-                        "status": status,
-                        "bytes_in": received,
-                        "bytes_out": sent,
-                        "total_ms": round(total, 1),
-                        "upstream_ms": upstream_ms,
-                        "error": error,
-                    }
-                )
-                line += "\n"
-            handler.keep(line)
+                head = {
+                    "time": _json_time(created),
+                    "level": "info",
+                    "logger": logger.name,
+                    "message": message,
+                }
+                line = _JSON.encode(head | fields)
+            handler.keep(line + "\n")
             return
         record = logger.makeRecord(
             logger.name,
@@ -350,36 +353,11 @@ class AccessLog:
             "(unknown file)",
             0,
             self.FORMAT,
-            (
-                request_id,
-                upstream,
-                method,
-                path,
-                status,
-                received,
-                sent,
-                total,
-                "-" if upstream_ms is None else upstream_ms,
-                "" if raw == path else f" raw={raw}",
-                "" if error is None else f" error={error}",
-            ),
+            args,
             None,
             "(unknown function)",
         )
-        # The extra fields, as makeRecord(extra=...) would set them (none of these names
-        # is a LogRecord attribute: checked once, at import).
-        fields = record.__dict__
-        fields["request_id"] = request_id
-        fields["upstream"] = upstream
-        fields["method"] = method
-        fields["path"] = path
-        fields["raw_path"] = raw
-        fields["status"] = status
-        fields["bytes_in"] = received
-        fields["bytes_out"] = sent
-        fields["total_ms"] = round(total, 1)
-        fields["upstream_ms"] = upstream_ms
-        fields["error"] = error
+        record.__dict__.update(fields)
         logger.handle(record)
 
 
