@@ -67,6 +67,11 @@ class _Refusal(Exception):
         self.message = message
 
 
+class _Stop(Exception):
+    """Raised inside llhttp to stop it after a chunked request: nothing after one is
+    parsed (its connection closes after the answer)."""
+
+
 def json_error(code: str, message: str) -> bytes:
     # Hand-built: code and message are sigproxy's own words, never client bytes.
     return b'{"error": "%s", "message": "%s"}' % (code.encode(), message.encode())
@@ -496,7 +501,7 @@ class Connection(asyncio.Protocol):
                 if not self._upgraded():
                     return
                 continue
-            except (httptools.HttpParserError, _Refusal) as exc:
+            except (httptools.HttpParserError, _Refusal, _Stop) as exc:
                 if self._after_chunked:
                     # Stopped after a chunked request: nothing more is read.
                     self._refused = True
@@ -549,7 +554,7 @@ class Connection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         if self._after_chunked:
-            raise _Refusal(400, "bad_request", "no request is read after a chunked one")
+            raise _Stop
         self._in_head = True
         self._url = []
         self._headers = []
