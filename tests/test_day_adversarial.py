@@ -530,7 +530,15 @@ async def test_a_refusal_storm_retries_each_request_once_and_resolves_once(
     script.chmod(0o755)
     (tmp_path / "config").write_text(f"[default]\ncredential_process = {script}\n")
 
+    # No refusal leaves until all 100 first attempts have arrived: every one of them is
+    # signed with the start's key, however the loop schedules the clients (a request
+    # signed after the resolve carries the new key, and is rightly not sent again).
+    storm_in = asyncio.Event()
+
     async def answer(request: web.Request, rec: Recorded) -> web.StreamResponse:
+        if len(upstream.requests) >= 100:
+            storm_in.set()
+        await asyncio.wait_for(storm_in.wait(), 20)
         return refuse("UnrecognizedClientException")
 
     upstream.answer = answer
