@@ -16,6 +16,13 @@ requests); open connections per listener (503 in one write, then closed). A requ
 parser refuses gets a JSON answer naming the problem, never quoting the client's bytes,
 and the connection closes after it.
 
+A connection closed while the client may still be sending (a refusal, an answer given
+before the body was read) lingers: the answer is followed by a FIN, and what the client
+sends on is read and dropped until it closes its side, for at most ``LINGER_SECONDS``
+(or the header timeout, when shorter) and ``LINGER_BYTES``. Closed at once, the kernel
+would answer the unread bytes with a reset, and a client still sending (Python's
+urllib, any client on Windows) reports "connection reset" instead of the answer.
+
 :class:`Http1Server` is the protocol factory aiohttp's runners and sites start and stop
 (``pre_shutdown``, ``shutdown``), so listeners, TLS and workers are set up as for the
 admin listener.
@@ -48,6 +55,10 @@ MAX_HEADERS = 128
 QUEUED_REQUESTS = 2  # per connection: one in the handler's hands, one waiting
 BODY_HIGH_WATER = 1 << 16  # unread body bytes before reading stops
 _LINGER_ZERO = struct.pack("ii", 1, 0)
+LINGER_SECONDS = 10.0  # aiohttp's lingering_time; nginx's lingering_time is 30 s
+# Enough for the rest of a body a little over the 6 MB limit; a client sending more was
+# never going to be served, and is not given the bandwidth.
+LINGER_BYTES = 8 << 20
 _EMPTY_STATUS = frozenset({204, 304})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -356,6 +367,9 @@ class Connection(asyncio.Protocol):
         "_idle_timer",
         "_in_head",
         "_last",
+        "_linger_left",
+        "_linger_timer",
+        "_lingering",
         "_loop",
         "_parser",
         "_progressed",
@@ -404,6 +418,9 @@ class Connection(asyncio.Protocol):
         self._last: Request | None = None  # the request parsed last
         self._continued: Request | None = None  # whose body a new parser reads on
         self._closing = False
+        self._lingering = False
+        self._linger_left = LINGER_BYTES
+        self._linger_timer: asyncio.TimerHandle | None = None
         self._reading_paused = False
         self._body_paused = False
         self._write_paused = False
@@ -440,6 +457,9 @@ class Connection(asyncio.Protocol):
         self._closing = True
         self.transport = None
         self._cancel_idle()
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
         gone = ConnectionResetError("the client closed the connection")
         receiving = self._receiving
         if receiving is not None:
@@ -457,6 +477,10 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._refused or self._closing:
+            if self._lingering:
+                self._linger_left -= len(data)
+                if self._linger_left < 0:
+                    self.close()
             return
         if self._unparsed:  # (reading is paused meanwhile; kept in order all the same)
             self._unparsed += data
@@ -678,7 +702,7 @@ class Connection(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
-        pause = self._body_paused or self._full() or self._refused
+        pause = not self._lingering and (self._body_paused or self._full() or self._refused)
         if pause != self._reading_paused:
             self._reading_paused = pause
             if pause:
@@ -730,6 +754,24 @@ class Connection(asyncio.Protocol):
         if transport is not None and not transport.is_closing():
             transport.close()
         self._wake_queue()
+
+    def _linger(self) -> None:
+        """Close once the answer is written, without resetting a client that is still
+        sending: FIN after the answer, then read and drop until the client closes its
+        side (``eof_received``), for at most the linger time and ``LINGER_BYTES``. A
+        stop, or another :meth:`close`, ends it at once."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        self._closing = True
+        self._wake_queue()
+        self._lingering = True
+        if transport.can_write_eof():
+            transport.write_eof()
+        timeout = self._server.header_timeout
+        seconds = min(LINGER_SECONDS, timeout) if timeout else LINGER_SECONDS
+        self._linger_timer = self._loop.call_later(seconds, self.close)
+        self._update_reading()  # what arrives now is dropped (data_received)
 
     def _arm_idle(self) -> None:
         self._cancel_idle()
@@ -831,8 +873,13 @@ class Connection(asyncio.Protocol):
                     self.reset()
                     return
                 if item.close_after or not item.keep_alive or not item.complete:
-                    # A body not read to its end is never drained: the connection goes.
-                    self.close()
+                    if item.complete and not self._reading_paused:
+                        self.close()
+                    else:
+                        # A body not read to its end is never drained, nor are requests
+                        # behind it answered: the connection goes once the client
+                        # stops sending.
+                        self._linger()
                     return
                 if self._closing:
                     self.close()
@@ -861,7 +908,7 @@ class Connection(asyncio.Protocol):
         )
         with contextlib.suppress(ConnectionError):
             self.write(head + body)
-        self.close()
+        self._linger()
 
     async def shutdown(self, grace: float | None) -> None:
         """Finish the request in hand within ``grace`` seconds (then cancel it); close."""

@@ -707,7 +707,9 @@ async def test_rest_of_an_over_limit_body_is_not_read(
                 pushed += len(chunk)
     finally:
         writer.close()
-    # Socket buffers on loopback hold a few MB at most; the body was 64 MB.
+    # The proxy drops at most LINGER_BYTES (8 MiB) after its answer, so that a client
+    # still sending reads it (tests/test_linger.py); socket buffers on loopback hold a
+    # few MB more at most. The body was 64 MB.
     assert pushed < 16 * 1024 * 1024, f"proxy accepted {pushed} bytes after its 413"
 
 
