@@ -480,7 +480,7 @@ class Connection(asyncio.Protocol):
             if self._lingering:
                 self._linger_left -= len(data)
                 if self._linger_left < 0:
-                    self.close()
+                    self._end_linger()
             return
         if self._unparsed:  # (reading is paused meanwhile; kept in order all the same)
             self._unparsed += data
@@ -770,8 +770,15 @@ class Connection(asyncio.Protocol):
             transport.write_eof()
         timeout = self._server.header_timeout
         seconds = min(LINGER_SECONDS, timeout) if timeout else LINGER_SECONDS
-        self._linger_timer = self._loop.call_later(seconds, self.close)
+        self._linger_timer = self._loop.call_later(seconds, self._end_linger)
         self._update_reading()  # what arrives now is dropped (data_received)
+
+    def _end_linger(self) -> None:
+        # Aborted, not closed: a close waits for the answer to be written, and a client
+        # that reads nothing would keep its place for ever.
+        transport = self.transport
+        if transport is not None:
+            transport.abort()
 
     def _arm_idle(self) -> None:
         self._cancel_idle()
