@@ -116,7 +116,7 @@ _REASONS = {
     422: "Unprocessable Entity", 429: "Too Many Requests",
     431: "Request Header Fields Too Large", 499: "Client Closed Request",
     500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway",
-    503: "Service Unavailable", 504: "Gateway Timeout",
+    503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported",
 }  # fmt: skip
 
 
@@ -534,6 +534,8 @@ class Connection(asyncio.Protocol):
                 # llhttp reports a callback's exception as its own: the refusal it
                 # carried is kept here.
                 refusal, self._refusal = self._refusal, None
+                if refusal is None and self._parser.get_method() == b"PRI":
+                    refusal = _Refusal(505, "http_version_not_supported", _NO_HTTP2)
                 self._refuse(refusal if refusal is not None else _malformed(exc))
                 return
             if self._in_head:
@@ -637,7 +639,10 @@ class Connection(asyncio.Protocol):
         if hosts > 1:
             raise self._stop(400, "bad_request", _MALFORMED + "duplicate Host header")
         method = parser.get_method().decode("ascii", "surrogateescape")
-        major, _, minor = parser.get_http_version().partition(".")
+        version = parser.get_http_version()
+        if version not in _VERSIONS:  # llhttp takes 0.9 (no version at all) and 2.0
+            raise self._stop(505, "http_version_not_supported", _VERSIONS_SERVED % version)
+        major, _, minor = version.partition(".")
         url = b"".join(self._url) if len(self._url) != 1 else self._url[0]
         request = Request(
             self,
@@ -901,12 +906,8 @@ class Connection(asyncio.Protocol):
             self.reset()
 
     async def _answer_refusal(self, refusal: _Refusal) -> None:
-        if refusal.status >= 500:
-            log.error("unexpected error from %s: %s", self.remote, refusal.message)
-        else:
-            log.info(
-                "refused a request from %s: %s %s", self.remote, refusal.status, refusal.message
-            )
+        # Every refusal here is the client's doing (a 505 too): not an error of ours.
+        log.info("refused a request from %s: %s %s", self.remote, refusal.status, refusal.message)
         body = json_error(refusal.code, refusal.message)
         head = (
             _status_line(b"1.1", refusal.status)
@@ -941,6 +942,11 @@ _FRAMING_TOO_LARGE = (
     "the request body's chunk sizes, extensions or trailers are over limits.max_header_bytes"
 )
 _ESCAPE = "surrogateescape"
+_VERSIONS = frozenset({"1.1", "1.0"})
+_VERSIONS_SERVED = "HTTP/%s is not served: sigproxy speaks HTTP/1.1 and HTTP/1.0"
+_NO_HTTP2 = (
+    "HTTP/2 is not served: sigproxy speaks HTTP/1.1 and HTTP/1.0 (drop --http2-prior-knowledge)"
+)
 
 
 def _head_too_large() -> _Refusal:

@@ -217,7 +217,6 @@ REFUSED_FRAMINGS: dict[str, bytes] = {
     b"\r\n3\r\nabc\r\n0\r\nContent-Length: 99\r\n\r\n",
     "lowercase_method": b"get /a HTTP/1.1\r\n" + H + b"\r\n",
     "http_1_2": b"GET /a HTTP/1.2\r\n" + H + b"\r\n",
-    "h2_preface": b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
     "target_with_space": b"GET /a b HTTP/1.1\r\n" + H + b"\r\n",
     "target_with_tab": b"GET /a\tb HTTP/1.1\r\n" + H + b"\r\n",
     "target_with_nul": b"GET /a\x00b HTTP/1.1\r\n" + H + b"\r\n",
@@ -245,6 +244,33 @@ async def test_request_framing_variants_are_refused_and_never_reach_the_upstream
             await still_serving(served, up)
             assert await served.stop() == 0
         no_traceback(served)
+
+
+# Request lines llhttp parses but sigproxy does not speak: each a 505 naming the version,
+# never an HTTP/1.1 answer to a request it misread as one.
+UNSPOKEN_VERSIONS = {
+    "http_2_0": (b"GET /a HTTP/2.0\r\n" + H + b"\r\n", "HTTP/2.0 is not served"),
+    "http_0_9": (b"GET /a HTTP/0.9\r\n" + H + b"\r\n", "HTTP/0.9 is not served"),
+    "no_version": (b"GET /a\r\n\r\n", "HTTP/0.9 is not served"),
+    "h2_preface": (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", "HTTP/2 is not served"),
+}
+
+
+async def test_request_lines_of_other_http_versions_are_a_505(tmp_path: Path) -> None:
+    # Found: HTTP/2.0 and HTTP/0.9 request lines were forwarded, answered as HTTP/1.1.
+    async with raw_upstream() as up:
+        async with serve_process(write(tmp_path, config(up.port))) as served:
+            for name, (data, says) in UNSPOKEN_VERSIONS.items():
+                answer, end = await talk(served.port, data)
+                resp = await parse(answer)
+                body = check_error(resp, 505, "http_version_not_supported", request_id=None)
+                assert str(body["message"]).startswith(says), (name, body)
+                assert end == "fin", (name, end)
+            assert up.requests == []
+            await still_serving(served, up)
+            assert await served.stop() == 0
+        no_traceback(served)
+        assert served.log().count("refused a request from 127.0.0.1: 505 HTTP/") == 4
 
 
 # Framings that are valid (or tolerated as llhttp and aiohttp did): each is exactly one
