@@ -623,6 +623,11 @@ class _Connection(asyncio.Protocol):
             if status in _NO_BODY_STATUS:
                 self._complete()  # llhttp knows these have no body
             else:
+                coding = _undecoded_coding(headers)
+                if coding is not None:
+                    # The client would get coded bytes under no label (Transfer-Encoding
+                    # is hop-by-hop): garbage, never an answer.
+                    raise _Malformed(f"transfer coding {coding}, which sigproxy does not decode")
                 self.until_close = _until_close(headers)
                 self.phase = _BODY
         waiter = self.waiter
@@ -734,6 +739,19 @@ def _until_close(headers: CIMultiDictProxy[str]) -> bool:
     if coding is not None:
         return coding.rsplit(",", 1)[-1].strip().lower() != "chunked"
     return "Content-Length" not in headers
+
+
+_CODING_NAME = re.compile(r"[a-z0-9._-]{1,32}")
+
+
+def _undecoded_coding(headers: CIMultiDictProxy[str]) -> str | None:
+    """A transfer coding other than chunked (gzip, deflate, compress), named for the
+    error when it is a plain token; None when there is none."""
+    for coding in ",".join(headers.getall("Transfer-Encoding", ())).split(","):
+        coding = coding.strip().lower()
+        if coding and coding not in ("chunked", "identity"):
+            return coding if _CODING_NAME.fullmatch(coding) else "(not a token)"
+    return None
 
 
 def _keeps_alive(version: str, headers: CIMultiDictProxy[str]) -> bool:

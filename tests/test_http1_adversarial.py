@@ -968,3 +968,46 @@ async def test_an_upstream_status_below_100_is_a_502_not_a_broken_status_line(
             assert body["kind"] == "protocol", body
             assert await served.stop() == 0
         no_traceback(served)
+
+
+@pytest.mark.parametrize(
+    ("framing", "named"),
+    [
+        (
+            b"Transfer-Encoding: gzip, chunked\r\n\r\n14\r\n"
+            + b"\x1f\x8b"
+            + b"z" * 18
+            + b"\r\n0\r\n\r\n",
+            "gzip",
+        ),
+        (
+            b"Transfer-Encoding: deflate\r\nConnection: close\r\n\r\n" + b"x\x9c" + b"z" * 18,
+            "deflate",
+        ),
+        (b"Transfer-Encoding: chunked\r\nTransfer-Encoding: br\r\n\r\n2\r\nzz\r\n0\r\n\r\n", "br"),
+    ],
+)
+async def test_an_upstream_transfer_coding_other_than_chunked_is_a_502_not_unlabelled_bytes(
+    tmp_path: Path, framing: bytes, named: str
+) -> None:
+    # Found: the chunked coding was taken off and the other one lost with the hop-by-hop
+    # header, so the client got compressed bytes under no label as a 200.
+    async def answer(
+        rec: Recorded, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        if rec.raw_target != "/coded":
+            return await echo(rec, reader, writer)
+        writer.write(b"HTTP/1.1 200 OK\r\n" + framing)
+        await writer.drain()
+        return b"Connection: close" not in framing
+
+    async with raw_upstream(answer) as up:
+        async with serve_process(write(tmp_path, config(up.port))) as served:
+            got, _ = await talk(served.port, b"GET /coded HTTP/1.1\r\n" + H + CLOSE + b"\r\n")
+            body = check_error(await parse(got), 502, "upstream_unreachable")
+            assert body["kind"] == "protocol", body
+            assert f"transfer coding {named}," in str(body["detail"]), body
+            assert len(up.requests) == 1  # a GET: not tried again on a protocol error
+            await still_serving(served, up)
+            assert await served.stop() == 0
+        no_traceback(served)
