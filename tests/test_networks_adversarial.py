@@ -498,7 +498,9 @@ async def test_a_tunnel_that_answers_with_a_banner_is_tls_and_retried(
 ) -> None:
     """The proxy says 200, then what is behind it speaks first, and not TLS (an SSH
     server): the handshake fails (kind tls), nothing was sent, the POST is tried again
-    and arrives once."""
+    and arrives once. When the banner comes in the same read as the proxy's 200, it can't
+    be told from bytes the proxy sent after its answer (kind proxy): which of the two
+    happens is the loopback's timing, so the one retry may count under either."""
     relay = Relay(function.address, drop=1, banner=b"SSH-2.0-OpenSSH_9.6\r\n")
     port = await relay.start()
     try:
@@ -511,10 +513,14 @@ async def test_a_tunnel_that_answers_with_a_banner_is_tls_and_retried(
             assert_arrived_signed(function, "/b")
             assert relay.connections == 2
             assert served.admin_port is not None
-            retried = await metric(
-                served.admin_port, 'sigproxy_upstream_retries_total{reason="tls",upstream="fn"}'
-            )
-            assert retried == 1
+            retried = {
+                reason: await metric(
+                    served.admin_port,
+                    f'sigproxy_upstream_retries_total{{reason="{reason}",upstream="fn"}}',
+                )
+                for reason in ("tls", "proxy")
+            }
+            assert sorted(retried.values(), key=str) == [1.0, None], retried
             assert await served.stop() == 0
         assert proxy.lines == [CONNECT_LINE, CONNECT_LINE]
     finally:
