@@ -68,11 +68,14 @@ def proxy_server(proxy: Proxy, *, idle_timeout: float | None = None) -> Http1Ser
     head within ``idle_timeout`` seconds (default ``client_timeouts.header``) is closed.
     The proxy's upstream connections are closed by :meth:`Proxy.close`, after it."""
     config = proxy.table.config
+    errors = proxy.metrics.proxy_errors
     return Http1Server(
         proxy.handle,
         limits=config.limits,
         what="proxy listener",
         header_timeout=config.client_timeouts.header if idle_timeout is None else idle_timeout,
+        # Refusals made before a handler ran count with the handler's own.
+        on_refusal=lambda code: errors.labels(code).inc(),
     )
 
 

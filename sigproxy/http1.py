@@ -59,6 +59,7 @@ LINGER_SECONDS = 10.0  # aiohttp's lingering_time; nginx's lingering_time is 30 
 # Enough for the rest of a body a little over the 6 MB limit; a client sending more was
 # never going to be served, and is not given the bandwidth.
 LINGER_BYTES = 8 << 20
+REFUSED_LINGER_SECONDS = 1.0  # a connection over the cap (Envoy's delayed_close_timeout)
 _EMPTY_STATUS = frozenset({204, 304})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -908,6 +909,8 @@ class Connection(asyncio.Protocol):
     async def _answer_refusal(self, refusal: _Refusal) -> None:
         # Every refusal here is the client's doing (a 505 too): not an error of ours.
         log.info("refused a request from %s: %s %s", self.remote, refusal.status, refusal.message)
+        if self._server.on_refusal is not None:
+            self._server.on_refusal(refusal.code)
         body = json_error(refusal.code, refusal.message)
         head = (
             _status_line(b"1.1", refusal.status)
@@ -970,29 +973,67 @@ _TOO_MANY = (
 
 
 class _RefuseConnection(asyncio.Protocol):
-    """A connection over the listener's cap: told so in one write, then closed."""
+    """A connection over the listener's cap: told so in one write, then closed. Like a
+    refused request it lingers, so that a client whose request is already on its way
+    reads the 503, not a reset; but only for ``REFUSED_LINGER_SECONDS``, and only as
+    many at once as the cap (more are closed at once): these are over the cap."""
 
-    def __init__(self, what: str) -> None:
-        self._body = json_error(
-            "too_many_connections",
-            f"the {what} has limits.max_client_connections connections open; retry shortly",
-        )
+    def __init__(self, server: Http1Server) -> None:
+        self._server = server
+        self._transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._left = LINGER_BYTES
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport = cast(asyncio.Transport, transport)
-        head = _TOO_MANY + b"Content-Length: %d\r\n\r\n" % len(self._body)
-        transport.write(head + self._body)
-        transport.close()
+        self._transport = transport = cast(asyncio.Transport, transport)
+        server = self._server
+        if server.on_refusal is not None:
+            server.on_refusal("too_many_connections")
+        transport.write(server.too_many)
+        if server.refused_lingering >= server.limits.max_client_connections:
+            transport.close()
+            return
+        server.refused_lingering += 1
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._timer = server.loop.call_later(REFUSED_LINGER_SECONDS, transport.abort)
+
+    def data_received(self, data: bytes) -> None:
+        self._left -= len(data)  # dropped
+        if self._left < 0 and self._transport is not None:
+            self._transport.abort()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+            self._server.refused_lingering -= 1
+        self._transport = None
 
 
 class Http1Server:
     """Makes a :class:`Connection` per accepted connection, at most
-    ``limits.max_client_connections`` at once; stops them gracefully."""
+    ``limits.max_client_connections`` at once; stops them gracefully. ``on_refusal`` is
+    told the code of each answer the server gives itself, without a handler (a head
+    refused by the parser, a connection over the cap)."""
 
     def __init__(
-        self, handler: Handler, *, limits: Limits, what: str, header_timeout: float
+        self,
+        handler: Handler,
+        *,
+        limits: Limits,
+        what: str,
+        header_timeout: float,
+        on_refusal: Callable[[str], None] | None = None,
     ) -> None:
         self.handler = handler
+        self.on_refusal = on_refusal
+        self.refused_lingering = 0  # connections over the cap, told so, not yet gone
+        too_many = json_error(
+            "too_many_connections",
+            f"the {what} has limits.max_client_connections connections open; retry shortly",
+        )
+        self.too_many = _TOO_MANY + b"Content-Length: %d\r\n\r\n%s" % (len(too_many), too_many)
         self.limits = limits
         self.what = what
         self.header_timeout = header_timeout
@@ -1019,7 +1060,7 @@ class Http1Server:
                     self.what,
                     self.open_connections,
                 )
-            return _RefuseConnection(self.what)
+            return _RefuseConnection(self)
         self.open_connections += 1
         return Connection(self)
 

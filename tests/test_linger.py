@@ -203,3 +203,50 @@ async def test_a_stop_does_not_wait_for_lingering_connections(
         assert await served.stop(signal.SIGTERM) == 0
         assert time.monotonic() - started < 5
         writer.close()
+
+
+def over_the_cap(port: int, seconds: float) -> tuple[bytes, float, str]:
+    """A request sent at once, then 1 KiB every 20 ms: (what was read, seconds from the
+    answer until a send failed, how the sending ended)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"POST /f HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100000\r\n\r\n")
+        sock.setblocking(False)
+        got, answered, deadline = b"", 0.0, time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                data = sock.recv(65536)
+            except BlockingIOError:
+                data = None
+            except OSError as err:
+                return got, time.monotonic() - answered, type(err).__name__
+            if data and not got:
+                answered = time.monotonic()
+            got += data or b""
+            try:
+                sock.send(b"q" * 1024)
+            except BlockingIOError:
+                pass
+            except OSError as err:
+                return got, time.monotonic() - answered, type(err).__name__
+            time.sleep(0.02)
+        return got, time.monotonic() - answered, "still open"
+
+
+async def test_a_connection_over_the_cap_reads_its_503_then_is_cut_within_a_second(
+    upstream: FakeFunctionUrl, tmp_path: Path
+) -> None:
+    """Over limits.max_client_connections, a client whose request is already sent reads
+    the 503 too_many_connections (not a reset); if it keeps sending, it is cut after
+    about a second (these connections are over the cap: they linger briefly)."""
+    path = write(tmp_path, "limits: {max_client_connections: 1}\n" + one_upstream(upstream.port))
+    async with serve_process(path) as served:
+        _, holder = await asyncio.open_connection("127.0.0.1", served.port)
+        await asyncio.sleep(0.2)
+        got, after, end = await asyncio.to_thread(over_the_cap, served.port, 6)
+        assert status_and_error(got) == (503, "too_many_connections")
+        assert end != "still open"
+        assert after <= 3.0, f"cut {after:.2f} s after the answer"
+        holder.close()
+        await asyncio.sleep(0.2)
+        assert (await raw_request(served.port, "GET", "/after")).status == 200
+        assert await served.stop() == 0

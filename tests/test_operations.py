@@ -154,6 +154,51 @@ async def test_upstream_errors_metric(tmp_path: Path) -> None:
     assert value(m, "sigproxy_proxy_errors_total", reason="upstream_unreachable") == 1
 
 
+async def raw_exchange(port: int, data: bytes) -> bytes:
+    """Send raw bytes on a new connection; what came back until the proxy closed."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+
+
+async def test_answers_the_server_gives_before_a_handler_are_counted(
+    upstream: FakeFunctionUrl, tmp_path: Path
+) -> None:
+    """Refusals made by the HTTP layer itself (a head over the limit, a target too long,
+    a malformed or other-version request line, a connection over the cap) count in
+    sigproxy_proxy_errors_total like the handler's, each by its code."""
+    limits = "limits: {max_client_connections: 2}\n"
+    path = write(tmp_path, limits + one_upstream(upstream.port))
+    host = b"Host: localhost\r\n"
+    async with serve_process(path) as served:
+        assert served.admin_port is not None
+        sent = {
+            "headers_too_large": b"GET / HTTP/1.1\r\n" + host + b"X-Big: " + b"b" * 70_000,
+            "uri_too_long": b"GET /" + b"u" * 9000 + b" HTTP/1.1\r\n" + host + b"\r\n",
+            "bad_request": b"GET / HTTP/1.1\r\n" + host + b"Content-Length: -1\r\n\r\n",
+            "http_version_not_supported": b"GET / HTTP/2.0\r\n" + host + b"\r\n",
+        }
+        for code, data in sent.items():
+            answer = await raw_exchange(served.port, data)
+            assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"] == code, answer[:200]
+        # Two connections held open fill the cap: the third is told so.
+        held = [await asyncio.open_connection("127.0.0.1", served.port) for _ in range(2)]
+        await asyncio.sleep(0.2)
+        answer = await raw_exchange(served.port, b"GET / HTTP/1.1\r\n" + host + b"\r\n")
+        assert answer.startswith(b"HTTP/1.1 503 "), answer[:200]
+        for _, writer in held:
+            writer.close()
+        m = await scrape(served.admin_port)
+        assert await served.stop() == 0
+    for code in (*sent, "too_many_connections"):
+        assert value(m, "sigproxy_proxy_errors_total", reason=code) == 1, code
+    assert upstream.requests == []
+
+
 async def test_health_and_readiness(upstream: FakeFunctionUrl, tmp_path: Path) -> None:
     path = write(tmp_path, one_upstream(upstream.port))
     async with serve_process(path) as served:
