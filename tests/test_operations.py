@@ -27,6 +27,7 @@ from sigproxy.routing import RouteTable
 from .conftest import one_upstream
 from .support import FakeFunctionUrl, Recorded, raw_request, verify_sigv4
 from .test_process import creds_env, serve_process, write
+from .test_upstream import until_closed
 
 
 async def scrape(admin_port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -154,17 +155,6 @@ async def test_upstream_errors_metric(tmp_path: Path) -> None:
     assert value(m, "sigproxy_proxy_errors_total", reason="upstream_unreachable") == 1
 
 
-async def raw_exchange(port: int, data: bytes) -> bytes:
-    """Send raw bytes on a new connection; what came back until the proxy closed."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(data)
-        await writer.drain()
-        return await asyncio.wait_for(reader.read(), 10)
-    finally:
-        writer.close()
-
-
 async def test_answers_the_server_gives_before_a_handler_are_counted(
     upstream: FakeFunctionUrl, tmp_path: Path
 ) -> None:
@@ -183,12 +173,12 @@ async def test_answers_the_server_gives_before_a_handler_are_counted(
             "http_version_not_supported": b"GET / HTTP/2.0\r\n" + host + b"\r\n",
         }
         for code, data in sent.items():
-            answer = await raw_exchange(served.port, data)
+            answer = await until_closed(served.port, data)
             assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"] == code, answer[:200]
         # Two connections held open fill the cap: the third is told so.
         held = [await asyncio.open_connection("127.0.0.1", served.port) for _ in range(2)]
         await asyncio.sleep(0.2)
-        answer = await raw_exchange(served.port, b"GET / HTTP/1.1\r\n" + host + b"\r\n")
+        answer = await until_closed(served.port, b"GET / HTTP/1.1\r\n" + host + b"\r\n")
         assert answer.startswith(b"HTTP/1.1 503 "), answer[:200]
         for _, writer in held:
             writer.close()
