@@ -54,6 +54,9 @@ MAX_LINE = 8190  # bytes in the request target or one header field (aiohttp's bo
 MAX_HEADERS = 128
 QUEUED_REQUESTS = 2  # per connection: one in the handler's hands, one waiting
 BODY_HIGH_WATER = 1 << 16  # unread body bytes before reading stops
+# Bytes read on, unparsed, while two requests are queued (reading stops beyond): enough
+# for a client's next request or two, and to notice the client leaving.
+READ_AHEAD = 1 << 16
 _LINGER_ZERO = struct.pack("ii", 1, 0)
 LINGER_SECONDS = 10.0  # aiohttp's lingering_time; nginx's lingering_time is 30 s
 # Enough for the rest of a body a little over the 6 MB limit; a client sending more was
@@ -483,8 +486,12 @@ class Connection(asyncio.Protocol):
                 if self._linger_left < 0:
                     self._end_linger()
             return
-        if self._unparsed:  # (reading is paused meanwhile; kept in order all the same)
+        if self._unparsed or self._full():
+            # The queue is full: held unparsed, in order. Reading goes on up to
+            # READ_AHEAD bytes so that a client leaving is still noticed (its EOF or
+            # reset), and the request in hand, a silent stream perhaps, is abandoned.
             self._unparsed += data
+            self._update_reading()
             return
         self._parse(data)
 
@@ -708,7 +715,11 @@ class Connection(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
-        pause = not self._lingering and (self._body_paused or self._full() or self._refused)
+        pause = not self._lingering and (
+            self._body_paused
+            or (self._full() and (self.current is None or len(self._unparsed) >= READ_AHEAD))
+            or self._refused
+        )
         if pause != self._reading_paused:
             self._reading_paused = pause
             if pause:
@@ -900,8 +911,10 @@ class Connection(asyncio.Protocol):
                 if not queue:
                     self._arm_idle()
         except asyncio.CancelledError:
-            if self.transport is not None:
-                self.transport.abort()
+            # Cut short (the grace period ran out): a reset, so that an answer cut
+            # midway is never taken for a whole one (an HTTP/1.0 client's body ends
+            # when the connection does).
+            self.reset()
         except Exception:
             log.exception("unexpected error serving a connection from %s", self.remote)
             self.reset()
