@@ -745,12 +745,20 @@ _CODING_NAME = re.compile(r"[a-z0-9._-]{1,32}")
 
 
 def _undecoded_coding(headers: CIMultiDictProxy[str]) -> str | None:
-    """A transfer coding other than chunked (gzip, deflate, compress), named for the
+    """A transfer coding other than chunked (gzip, deflate, compress), or a chunked one
+    llhttp does not take off (applied twice, or not last: RFC 9112 6.3), named for the
     error when it is a plain token; None when there is none."""
-    for coding in ",".join(headers.getall("Transfer-Encoding", ())).split(","):
-        coding = coding.strip().lower()
-        if coding and coding not in ("chunked", "identity"):
-            return coding if _CODING_NAME.fullmatch(coding) else "(not a token)"
+    # Only OWS is stripped, as llhttp does: str.strip() would also take off NBSP or VT,
+    # with which llhttp does not read "chunked".
+    codings = [c.strip(" \t") for c in ",".join(headers.getall("Transfer-Encoding", ())).split(",")]
+    codings = [c for c in codings if c]
+    for coding in codings:
+        if not (coding.isascii() and _CODING_NAME.fullmatch(coding.lower())):
+            return "(not a token)"  # (str.lower() makes some non-ASCII letters ASCII)
+        if coding.lower() not in ("chunked", "identity"):
+            return coding.lower()
+    if "chunked" in (c.lower() for c in codings[:-1]):
+        return "chunked before another coding"
     return None
 
 
