@@ -783,6 +783,7 @@ class Connection(asyncio.Protocol):
         self._closing = True
         self._wake_queue()
         self._lingering = True
+        self._cancel_idle()  # its close would end the linger early, with a reset
         if transport.can_write_eof():
             transport.write_eof()
         timeout = self._server.header_timeout
@@ -897,7 +898,7 @@ class Connection(asyncio.Protocol):
                     self.reset()
                     return
                 if item.close_after or not item.keep_alive or not item.complete:
-                    if item.complete and not self._reading_paused:
+                    if item.complete and not self._reading_paused and not self._unparsed:
                         self.close()
                     else:
                         # A body not read to its end is never drained, nor are requests
