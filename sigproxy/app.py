@@ -74,6 +74,7 @@ def proxy_server(proxy: Proxy, *, idle_timeout: float | None = None) -> Http1Ser
         limits=config.limits,
         what="proxy listener",
         header_timeout=config.client_timeouts.header if idle_timeout is None else idle_timeout,
+        write_timeout=config.client_timeouts.write,
         # Refusals made before a handler ran count with the handler's own.
         on_refusal=lambda code: errors.labels(code).inc(),
     )
@@ -100,6 +101,7 @@ def admin_server(proxy: Proxy, state: ServerState) -> Http1Server:
         limits=config.limits,
         what="admin listener",
         header_timeout=config.client_timeouts.header,
+        write_timeout=config.client_timeouts.write,
     )
 
 
@@ -279,6 +281,8 @@ class Server:
                 ("grace_period", self.config.grace_period, config.grace_period),
                 ("client_timeouts.header", self.config.client_timeouts.header,
                  config.client_timeouts.header),
+                ("client_timeouts.write", self.config.client_timeouts.write,
+                 config.client_timeouts.write),
                 ("limits.max_header_bytes", self.config.limits.max_header_bytes,
                  config.limits.max_header_bytes),
                 ("limits.max_client_connections", self.config.limits.max_client_connections,

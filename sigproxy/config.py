@@ -703,6 +703,10 @@ class ClientTimeouts:
     """Seconds a connection may take to send a complete request head (and stay idle)."""
     body: float = key(60.0, seconds)
     """Seconds the request body may take to arrive."""
+    write: float = key(900.0, seconds)
+    """Seconds a client may take in nothing of an answer being written to it (then it is
+    cut with a reset): a client that stopped reading holds its connection, and a
+    stream's upstream, no longer than an upstream may stay silent (timeout.read)."""
 
 
 @dataclass(frozen=True, slots=True)

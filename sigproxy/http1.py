@@ -12,9 +12,10 @@ Bounds, all before the handler runs: the whole request head (``limits.max_header
 header) and the number of headers (128); two pipelined requests queued per connection
 (one in hand, one behind it: reading stops until they are taken); 64 KiB of an unread
 body; the time to send a complete head (``header_timeout``, also the idle time between
-requests); open connections per listener (503 in one write, then closed). A request the
-parser refuses gets a JSON answer naming the problem, never quoting the client's bytes,
-and the connection closes after it.
+requests); open connections per listener (503 in one write, then closed). After it, the
+time a client may take in nothing of its answer (``write_timeout``: then a reset). A
+request the parser refuses gets a JSON answer naming the problem, never quoting the
+client's bytes, and the connection closes after it.
 
 A connection closed while the client may still be sending (a refusal, an answer given
 before the body was read) lingers: the answer is followed by a FIN, and what the client
@@ -749,10 +750,30 @@ class Connection(asyncio.Protocol):
         if self.transport is None:
             raise ConnectionResetError("the client closed the connection")
         self._drain_waiter = self._loop.create_future()
+        timeout = self._server.write_timeout
+        timer = self._loop.call_later(timeout, self._write_stalled) if timeout else None
         try:
             await self._drain_waiter
         finally:
             self._drain_waiter = None
+            if timer is not None:
+                timer.cancel()
+
+    def _write_stalled(self) -> None:
+        """The client took in nothing of its answer for ``write_timeout`` seconds: cut."""
+        seconds = self._server.write_timeout
+        log.info(
+            "cut a connection from %s: it took in nothing of its answer for %gs "
+            "(client_timeouts.write)",
+            self.remote,
+            seconds,
+        )
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(
+                ConnectionResetError(f"the client took in nothing for {seconds:g}s")
+            )
+        self.reset()
 
     def reset(self) -> None:
         transport = self.transport
@@ -1038,9 +1059,11 @@ class Http1Server:
         limits: Limits,
         what: str,
         header_timeout: float,
+        write_timeout: float | None = None,
         on_refusal: Callable[[str], None] | None = None,
     ) -> None:
         self.handler = handler
+        self.write_timeout = write_timeout
         self.on_refusal = on_refusal
         self.refused_lingering = 0  # connections over the cap, told so, not yet gone
         too_many = json_error(

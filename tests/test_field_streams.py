@@ -867,3 +867,55 @@ async def test_many_mcp_sessions_at_once_and_one_abandoned_mid_tool_call(tmp_pat
     assert not problems, problems
     assert len(recorder.named("DELETE")) >= 6
     assert "Traceback" not in served.log()
+
+
+async def flood_route(
+    rec: Recorded, reader: Any, writer: asyncio.StreamWriter, up: Scripted
+) -> bool:
+    """A stream with no end, as fast as the proxy takes it; records when it is let go."""
+    writer.write(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
+    with contextlib.suppress(ConnectionError):
+        while True:
+            writer.write(chunk(b"f" * 65536))
+            await writer.drain()
+    up.abandoned.append(time.monotonic())
+    return False
+
+
+async def test_a_client_that_stops_reading_is_cut_after_client_timeouts_write(
+    tmp_path: Path,
+) -> None:
+    """A client that takes in nothing of a stream (a suspended process, a stuck reader)
+    is cut with a reset after client_timeouts.write, and the upstream stream it held (the
+    only connection allowed) is let go and serves the next request."""
+    async with scripted({"flood": flood_route, "json": json_route}) as up:
+        cfg = config(
+            up.port,
+            upstream_extra="    max_connections: 1\n",
+            extra="client_timeouts: {header: 2, body: 2, write: 1}\n",
+        ).replace("client_timeouts: {header: 2, body: 2}\n", "", 1)
+        async with serve_process(write(tmp_path, cfg)) as served:
+            sock = await connect(served.port)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            try:
+                await send(sock, get("/flood", served.port))
+                head = await read_until(sock, b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 200 ")
+                stopped = time.monotonic()  # and reads nothing more
+                assert await until(lambda: bool(up.abandoned), 8), "the stream was held"
+                assert up.abandoned[0] - stopped < 6
+                _, end = await recv_to_end(sock, idle=1, limit=60)
+                assert end == "rst", f"the client saw {end}, not a reset"
+            finally:
+                sock.close()
+            data, _ = await recv_to_end_after(
+                served.port, get("/json/after", served.port, extra="Connection: close\r\n")
+            )
+            assert (await parse(data)).status == 200, data[:200]
+            assert await served.stop() == 0
+    log = served.log()
+    assert "took in nothing of its answer for 1s (client_timeouts.write)" in log
+    assert "Traceback" not in log
