@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
 import pickle
 import re
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import __version__
@@ -424,13 +425,16 @@ def run(coro: Coroutine[Any, Any, T], *, tls_listener: bool = False) -> T:
     A TLS listener runs on asyncio's loop: uvloop's server-side ``start_tls`` does not
     report a failed handshake (plain HTTP sent to the TLS port, a client that gives up)
     until its timeout, and handshakes on sockets a supervisor handed over time out."""
-    try:
-        if tls_listener:
-            raise ImportError
-        import uvloop  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        return asyncio.run(coro)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    if not tls_listener:
+        # Not run inside the except: the whole program would run with the ImportError
+        # as the exception being handled, and every exception raised in it would carry
+        # it as its __context__ (httptools' callback errors lost theirs to it).
+        with contextlib.suppress(ImportError):
+            import uvloop  # type: ignore[import-not-found,unused-ignore]
+
+            loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
         return runner.run(coro)
 
 

@@ -388,6 +388,7 @@ class _Connection(asyncio.Protocol):
     silence while a response is awaited or arriving) is its timer."""
 
     __slots__ = (
+        "failure",
         "fields",
         "head_bytes",
         "head_only",
@@ -431,6 +432,7 @@ class _Connection(asyncio.Protocol):
         self.keep_alive = False
         self.until_close = False  # the body ends where the connection does
         self.stray = False  # bytes came that no request asked for
+        self.failure: _Malformed | None = None  # raised in a callback, as llhttp stopped
         self.paused = False  # reading stopped: the response's unread body is full
         self.progressed = False  # the last read gave body bytes or ended a head
         self.stalled = 0  # bytes read in the body since it last progressed
@@ -531,10 +533,12 @@ class _Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            cause = exc.__context__
-            if isinstance(cause, _Stray):
-                return  # after a whole response: it is not reused (self.stray)
-            self._fail(cause if isinstance(cause, _Malformed) else _Malformed(str(exc)))
+            # llhttp reports a callback's exception as its own (the callback's is only
+            # its __context__, and only when no other exception was being handled).
+            if self.stray:
+                return  # after a whole response: it is not reused
+            failure, self.failure = self.failure, None
+            self._fail(failure if failure is not None else _Malformed(str(exc)))
             return
         except httptools.HttpParserUpgrade:
             self._fail(_Malformed("an upgrade to another protocol"))
@@ -570,6 +574,11 @@ class _Connection(asyncio.Protocol):
 
     # --- httptools callbacks
 
+    def _malformed(self, text: str) -> _Malformed:
+        """The error for a callback to raise, kept for ``data_received``."""
+        self.failure = _Malformed(text)
+        return self.failure
+
     def on_message_begin(self) -> None:
         if self.phase != _HEAD:
             self.stray = True
@@ -580,11 +589,11 @@ class _Connection(asyncio.Protocol):
         if self.phase != _HEAD:
             return  # a chunked body's trailer: not passed on, nor kept
         if len(name) + len(value) > _MAX_FIELD:
-            raise _Malformed(f"a header line over {_MAX_FIELD} bytes")
+            raise self._malformed(f"a header line over {_MAX_FIELD} bytes")
         # llhttp strips the whitespace before a value, not after (aiohttp strips both).
         value = value.rstrip(b" \t")
         if b"\x00" in value:
-            raise _Malformed("a NUL byte in a header value")
+            raise self._malformed("a NUL byte in a header value")
         fields = self.fields
         # As aiohttp decoded them: bytes that are not UTF-8 become surrogate escapes,
         # which sigproxy.headers reports and drops.
@@ -592,7 +601,7 @@ class _Connection(asyncio.Protocol):
             (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
         )
         if len(fields) > _MAX_HEADERS:
-            raise _Malformed(f"more than {_MAX_HEADERS} header fields")
+            raise self._malformed(f"more than {_MAX_HEADERS} header fields")
 
     def on_headers_complete(self) -> None:
         parser = self.parser
@@ -601,11 +610,11 @@ class _Connection(asyncio.Protocol):
         self.stalled = 0
         if status < 100:
             # llhttp takes any three digits; the client could not be told this one.
-            raise _Malformed(f"status code {status:03d}")
+            raise self._malformed(f"status code {status:03d}")
         if 100 <= status < 200:
             if status == 101:
                 # sigproxy never asks to switch: what follows is not HTTP.
-                raise _Malformed("unsolicited 101 Switching Protocols")
+                raise self._malformed("unsolicited 101 Switching Protocols")
             return  # interim (100 Continue, 103 Early Hints): not passed on
         headers = CIMultiDictProxy(CIMultiDict(self.fields))
         assert self.origin is not None
@@ -627,7 +636,9 @@ class _Connection(asyncio.Protocol):
                 if coding is not None:
                     # The client would get coded bytes under no label (Transfer-Encoding
                     # is hop-by-hop): garbage, never an answer.
-                    raise _Malformed(f"transfer coding {coding}, which sigproxy does not decode")
+                    raise self._malformed(
+                        f"transfer coding {coding}, which sigproxy does not decode"
+                    )
                 self.until_close = _until_close(headers)
                 self.phase = _BODY
         waiter = self.waiter

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http.client
+import json
 import re
 import signal
 import socket
@@ -27,7 +28,8 @@ from sigproxy.config import check_exposure, parse_config, with_listen
 from sigproxy.errors import ConfigError
 
 from .conftest import one_upstream
-from .support import FakeFunctionUrl, verify_sigv4
+from .support import FakeFunctionUrl, Recorded, verify_sigv4
+from .test_http1_adversarial import raw_upstream
 from .test_operations import scrape, value
 from .test_process import Served, creds_env, run_cli, serve_process, write
 
@@ -487,3 +489,34 @@ async def test_workers_serve_tls_and_reload_it(upstream: FakeFunctionUrl, pki: P
             assert await fresh(served.port, pki.client(), f"/r/{i}") == (200, second)
         assert await served.stop() == 0
     assert "Traceback" not in served.log()
+
+
+async def test_on_the_tls_listener_an_upstream_protocol_error_is_named(pki: Pki) -> None:
+    """The TLS listener runs on asyncio's loop, as every install without uvloop does. An
+    upstream answer in gzip transfer coding is a 502 naming it there too. (Found: the
+    loop ran inside the except block that caught uvloop's ImportError, so llhttp's
+    callback errors carried that ImportError as their context, and the 502's detail said
+    'User callback error'.)"""
+
+    async def gzipped(
+        rec: Recorded, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\nzz\r\n0\r\n\r\n"
+        )
+        await writer.drain()
+        return False
+
+    async with raw_upstream(gzipped) as up:
+        path = write(pki.folder, tls_config(up.port))
+        async with serve_tls(path) as served:
+            client = Client(served.port, pki.client())
+            try:
+                status, body = await client.get("/coded")
+            finally:
+                client.close()
+            assert await served.stop() == 0
+    assert status == 502
+    error = json.loads(body)
+    assert error["kind"] == "protocol", error
+    assert "transfer coding gzip, which sigproxy does not decode" in error["detail"], error
