@@ -210,7 +210,7 @@ class Server:
 
     async def start(self) -> None:
         config = self.config
-        # Everything loaded so far (botocore's data, aiohttp, the config) lives as long
+        # Everything loaded so far (botocore's data, the config) lives as long
         # as the process: keep it out of the collector's full passes, which otherwise
         # stall every request for tens of milliseconds. Collect first, so no start-up
         # garbage (botocore sessions hold cycles) is frozen with it.

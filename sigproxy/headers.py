@@ -133,8 +133,9 @@ def _tokens(value: str) -> set[str]:
 
 
 def is_utf8(value: str) -> bool:
-    # aiohttp hands undecodable header bytes over as surrogate escapes, and its writer
-    # would silently drop them.
+    # sigproxy.http1 and sigproxy.upstream hand undecodable header bytes over as
+    # surrogate escapes (as aiohttp did): a request with one gets a 400, a response's are
+    # dropped and reported; never sent on.
     if value.isascii():
         return True
     try:

@@ -1,4 +1,5 @@
-"""The proxy port's HTTP/1.1 server: an asyncio protocol on ``httptools`` (llhttp).
+"""The listeners' HTTP/1.1 server (the proxy port and the admin port): an asyncio
+protocol on ``httptools`` (llhttp).
 
 One :class:`Connection` per client connection parses requests with llhttp and hands each
 one, as a small :class:`Request`, to the handler, which answers through the request
@@ -10,12 +11,14 @@ writing methods the proxy needs.
 Bounds, all before the handler runs: the whole request head (``limits.max_header_bytes``,
 431, also while it trickles in), each line (8190 bytes: 414 for the target, 431 for a
 header) and the number of headers (128); two pipelined requests queued per connection
-(one in hand, one behind it: reading stops until they are taken); 64 KiB of an unread
-body; the time to send a complete head (``header_timeout``, also the idle time between
-requests); open connections per listener (503 in one write, then closed). After it, the
-time a client may take in nothing of its answer (``write_timeout``: then a reset). A
-request the parser refuses gets a JSON answer naming the problem, never quoting the
-client's bytes, and the connection closes after it.
+(one in hand, one behind it; what follows waits unparsed, read on up to ``READ_AHEAD``
+so that a client leaving is noticed, then reading stops until a request is taken);
+64 KiB of an unread body; the time to send a complete head (``header_timeout``, also
+the idle time between requests); open connections per listener (503 in one write, then
+closed). After it, the time a client may take in nothing of its answer
+(``write_timeout``: then a reset). A request the parser refuses gets a JSON answer
+naming the problem, never quoting the client's bytes, and the connection closes after
+it.
 
 A connection closed while the client may still be sending (a refusal, an answer given
 before the body was read) lingers: the answer is followed by a FIN, and what the client
@@ -24,9 +27,9 @@ sends on is read and dropped until it closes its side, for at most ``LINGER_SECO
 would answer the unread bytes with a reset, and a client still sending (Python's
 urllib, any client on Windows) reports "connection reset" instead of the answer.
 
-:class:`Http1Server` is the protocol factory aiohttp's runners and sites start and stop
-(``pre_shutdown``, ``shutdown``), so listeners, TLS and workers are set up as for the
-admin listener.
+:class:`Http1Server` is the protocol factory :class:`sigproxy.listener.Listener` serves
+and stops (``pre_shutdown``, ``shutdown``), plain or TLS, on its own socket or a
+supervisor's; :func:`sigproxy.app.make_runner` hands it to an aiohttp runner instead.
 """
 
 from __future__ import annotations
@@ -1110,7 +1113,8 @@ class Http1Server:
 
     async def shutdown(self, grace: float | None = None) -> None:
         """Let requests in hand finish within ``grace`` seconds, then cancel them; close
-        all. (aiohttp's runner calls it with its shutdown timeout.)"""
+        all. (:meth:`Listener.cleanup` calls it with ``grace_period``; the aiohttp runner of
+        :func:`~sigproxy.app.make_runner`, with its shutdown timeout.)"""
         conns = list(self.connections)
         if conns:
             await asyncio.gather(*(c.shutdown(grace) for c in conns), return_exceptions=True)

@@ -2,8 +2,9 @@
 
 Never logged, at any level: signed Authorization headers, secret keys, session tokens,
 cookies, query values. sigproxy's own lines name paths without queries; botocore's debug
-output (canonical requests carry the session token) is held at WARNING; aiohttp's
-protocol errors lose the raw request line they would quote.
+output (canonical requests carry the session token) is held at ERROR; the emulator's
+aiohttp server loses the raw request line its protocol errors would quote (sigproxy's
+own HTTP layer never quotes a client's bytes).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ SIGHUP reload refuse files that would not serve, each problem one line naming it
 when the listener starts, and again on SIGHUP to pick up renewed files: a new context
 for new handshakes, while connections already open keep the one they were made with.
 Pure: the ``ssl`` module and the files, nothing else (the listener itself is in
-:mod:`sigproxy.app`).
+:mod:`sigproxy.listener`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from .config import ListenTls
 
 ALPN = ("http/1.1",)
-"""The only protocol the listener speaks (aiohttp's server is HTTP/1.1)."""
+"""The only protocol the listener speaks (:mod:`sigproxy.http1` is HTTP/1.1 only)."""
 
 
 class _Encrypted(Exception):
