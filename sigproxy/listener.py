@@ -81,8 +81,12 @@ class Listener:
         return _Handshake(self._handshake)
 
     def _handshake(self, transport: asyncio.Transport, guard: _Handshake) -> None:
-        protocol = self.server()
+        server = self.server
+        protocol = server()
         if not isinstance(protocol, Connection):  # over the cap: logged by the server
+            # No 503 can be said before a handshake: counted all the same.
+            if server.on_refusal is not None:
+                server.on_refusal("too_many_connections")
             transport.abort()
             return
         transport.pause_reading()  # the ClientHello is for the TLS layer

@@ -440,6 +440,9 @@ async def test_failed_handshakes_give_their_place_back(upstream: FakeFunctionUrl
             await refused(served.port, good)
             # The line reaches the test through the process's stderr: wait for it.
             await wait_for(lambda: "refused a connection, 2 are open" in served.log())
+            # No answer can be given before a handshake, but the refusal is counted.
+            m = await scrape(served.admin_port or 0)
+            assert value(m, "sigproxy_proxy_errors_total", reason="too_many_connections") == 1
             held[0].close()
             await served_again(served.port, good, "/freed")
         finally:
