@@ -131,14 +131,15 @@ class ProxyFailed(UpstreamError):
         self.status = status
 
 
-class _ConnectRefused(Exception):
+class ConnectRefused(Exception):
     """The proxy's answer to CONNECT was not 2xx (``status``), or was not one at all
     (``status`` None, ``text`` says why). Only :func:`_translate` puts it in words."""
 
-    def __init__(self, status: int | None, text: str) -> None:
+    def __init__(self, status: int | None, text: str, schemes: tuple[str, ...] = ()) -> None:
         super().__init__(text)
         self.status = status
         self.text = text
+        self.schemes = schemes
 
 
 def _translate(
@@ -147,16 +148,22 @@ def _translate(
     """The one place where what failed below (the parser, asyncio, the socket, TLS) becomes
     an :class:`UpstreamError` saying why in words. ``timeout`` is the limit that was
     running (connect or read); ``hop`` is what was under way: ``proxy`` (connecting to
-    the egress proxy), ``tunnel`` (its answer to CONNECT) or ``upstream`` (the rest)."""
+    the egress proxy), ``tunnel`` (its answer to CONNECT), ``dial`` (connecting to the
+    upstream), ``handshake`` (TLS with it) or ``upstream`` (the exchange)."""
     if isinstance(exc, UpstreamError):
         return exc
     proxy = origin.proxy
-    if proxy is not None and hop != "upstream":
-        return _proxy_failure(exc, origin, proxy, timeout, hop)
-    route = _route(origin)
+    if proxy is not None and hop in ("proxy", "tunnel"):
+        return proxy_failure(exc, origin, proxy, timeout, hop)
+    route = route_text(origin)
     where = f"{origin.host}:{origin.port}{route}"
     if isinstance(exc, TimeoutError):  # asyncio's, and the read timeout's
         limit = "" if timeout is None else f" within {timeout:g} seconds"
+        if hop == "dial":
+            return UpstreamTimedOut(origin, f"no connection to {where}{limit} (timeout.connect)")
+        if hop == "handshake":
+            what = "TLS handshake with" if origin.tls else "connection to"
+            return UpstreamTimedOut(origin, f"{what} {where} unfinished{limit} (timeout.connect)")
         return UpstreamTimedOut(origin, f"no answer from {where}{limit}")
     if isinstance(exc, ssl.SSLCertVerificationError):
         return TLSFailed(
@@ -185,7 +192,7 @@ def _translate(
     return ConnectionClosed(origin, f"{where} failed: {type(exc).__name__}")
 
 
-def _proxy_failure(
+def proxy_failure(
     exc: Exception, origin: Origin, proxy: EgressProxy, timeout: float | None, hop: str
 ) -> ProxyFailed:
     """:func:`_translate`'s words for a failure of the egress proxy hop. ``proxy.url``
@@ -193,10 +200,15 @@ def _proxy_failure(
     said = f"egress proxy {proxy.url}:"
     target = "CONNECT " + _authority(*(origin.connect_to or (origin.host, origin.port)))
     limit = "" if timeout is None else f" within {timeout:g} seconds"
-    if isinstance(exc, _ConnectRefused):
+    if isinstance(exc, ConnectRefused):
         if exc.status == 407:
+            offered = [s for s in exc.schemes if s.lower() != "basic"]
             advice = (
-                "check the user and password in the proxy URL"
+                f"it offers only {', '.join(offered)} authentication, which sigproxy does not "
+                "speak (it sends Basic): use a proxy port that takes Basic, or a local relay "
+                "that speaks NTLM/Negotiate (cntlm, px) as egress_proxy"
+                if offered and len(offered) == len(exc.schemes)
+                else "check the user and password in the proxy URL"
                 if proxy.authorization is not None
                 else "it wants credentials: give them in the proxy URL "
                 "(http://user:password@host:port)"
@@ -234,7 +246,7 @@ def _proxy_failure(
     return ProxyFailed(origin, f"{said} {target} failed: {type(exc).__name__}")
 
 
-def _route(origin: Origin) -> str:
+def route_text(origin: Origin) -> str:
     """How an origin is reached, when not directly: `` at <connect_to>`` and/or
     `` through egress proxy <url>``; empty when direct."""
     words = ""
@@ -922,7 +934,7 @@ class UpstreamClient:
         # Only this address is dialled (or named in CONNECT); TLS stays the URL host's.
         host, port = origin.connect_to or (origin.host, origin.port)
         loop = asyncio.get_running_loop()
-        hop = "upstream"
+        hop = "dial"
         try:
             async with asyncio.timeout(connect_timeout):
                 if proxy is None:
@@ -932,11 +944,11 @@ class UpstreamClient:
                     sock = await self._dial(proxy.host, proxy.port)
                     hop = "tunnel"
                     try:
-                        await _tunnel(loop, sock, proxy, host, port)
+                        await open_tunnel(loop, sock, proxy, host, port)
                     except BaseException:
                         sock.close()
                         raise
-                    hop = "upstream"
+                hop = "handshake"
                 try:
                     # Over a tunnel this is TLS inside it, as loop.start_tls would do: the
                     # socket after the proxy's 2xx is a byte stream to the upstream.
@@ -1051,11 +1063,11 @@ async def _getaddrinfo(host: str, port: int) -> Sequence[AddrInfo]:
     return await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
 
 
-async def _tunnel(
+async def open_tunnel(
     loop: asyncio.AbstractEventLoop, sock: socket.socket, proxy: EgressProxy, host: str, port: int
 ) -> None:
     """Ask ``proxy`` (connected on ``sock``) for a tunnel to ``host:port``; returns once it
-    answered 2xx, with nothing of the upstream's read. Raises :class:`_ConnectRefused`
+    answered 2xx, with nothing of the upstream's read. Raises :class:`ConnectRefused`
     for any other answer, ``ConnectionResetError`` when it closed first."""
     authority = _authority(host, port)
     lines = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}"]
@@ -1065,7 +1077,7 @@ async def _tunnel(
     head = b""
     while (end := head.find(b"\r\n\r\n")) < 0:
         if len(head) > _MAX_CONNECT_HEAD:
-            raise _ConnectRefused(None, f"an answer head over {_MAX_CONNECT_HEAD} bytes")
+            raise ConnectRefused(None, f"an answer head over {_MAX_CONNECT_HEAD} bytes")
         chunk = await loop.sock_recv(sock, 4096)
         if not chunk:
             raise ConnectionResetError("the proxy closed the connection")
@@ -1075,14 +1087,23 @@ async def _tunnel(
     if status is None:
         # The proxy's words are shown, never obeyed.
         text = printable(first[:100].decode("latin-1"))
-        raise _ConnectRefused(None, f"not an HTTP/1.1 status line: {text!r}")
+        raise ConnectRefused(None, f"not an HTTP/1.1 status line: {text!r}")
     code = int(status[1])
     if not 200 <= code < 300:
         reason = printable((status[2] or b"").decode("latin-1").strip()[:200])
-        raise _ConnectRefused(code, f"{code} {reason}".rstrip())
+        raise ConnectRefused(code, f"{code} {reason}".rstrip(), _auth_schemes(head[:end]))
     if len(head) > end + 4:
         # The upstream speaks second (TLS, HTTP): bytes here came from the proxy.
-        raise _ConnectRefused(None, f"{len(head) - end - 4} bytes after its {code} answer")
+        raise ConnectRefused(None, f"{len(head) - end - 4} bytes after its {code} answer")
+
+
+_SCHEME = re.compile(rb"(?im)^proxy-authenticate:[ \t]*([A-Za-z0-9_-]{1,32})")
+
+
+def _auth_schemes(head: bytes) -> tuple[str, ...]:
+    """The schemes a 407's Proxy-Authenticate fields offer (one challenge per field, as
+    proxies send them), in order, without duplicates."""
+    return tuple(dict.fromkeys(m.decode("ascii") for m in _SCHEME.findall(head)))
 
 
 def _head(method: str, target: str, headers: list[tuple[str, str]], body: bytes) -> bytes:
