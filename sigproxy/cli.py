@@ -237,6 +237,13 @@ def _check(config: Config, args: argparse.Namespace) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    for upstream in config.upstreams:
+        # Which way serve will go: the environment's HTTPS_PROXY/NO_PROXY decide unseen.
+        if upstream.egress is not None:
+            print(f"{upstream.name}: through egress proxy {upstream.egress.url}")  # no password
+        if upstream.connect_to is not None:
+            host, port = upstream.connect_to
+            print(f"{upstream.name}: connecting to {host}:{port}")
     print(f"config OK: {config.source}, {len(config.upstreams)} upstream(s)")
     if store is None or not args.probe:
         return EXIT_OK
@@ -296,7 +303,15 @@ def _dns_warnings(config: Config) -> list[str]:
     import concurrent.futures
     import socket
 
-    hosts = sorted({u.url_host for u in config.upstreams if not _is_address(u.url_host)})
+    # Through an egress proxy (it resolves the name) or with connect_to (another address
+    # is dialled), serve never looks the URL's host up: neither does this check.
+    hosts = sorted(
+        {
+            u.url_host
+            for u in config.upstreams
+            if not _is_address(u.url_host) and u.egress is None and u.connect_to is None
+        }
+    )
     found = []
     with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
         lookups = {h: pool.submit(socket.getaddrinfo, h, 443) for h in hosts}

@@ -47,7 +47,7 @@ from .errors import CredentialsUnavailable
 from .logs import printable
 from .routing import Origin, origin_of
 from .signing import EMPTY_SHA256, Signer
-from .upstream import HAPPY_EYEBALLS_DELAY
+from .upstream import HAPPY_EYEBALLS_DELAY, ConnectRefused, open_tunnel, proxy_failure, route_text
 
 STEP_TIMEOUT: Final = 5.0
 # A response head larger than this is not a Function URL's (Envoy's limit is 60 KiB).
@@ -149,18 +149,25 @@ class _Probe:
         self.upstream = upstream
         self.origin = origin
         self.timeout = step_timeout
-        self.where = f"{origin.host}:{origin.port}"
+        self.where = f"{origin.host}:{origin.port}{route_text(origin)}"
+        self.looked_up = origin.host  # the name DNS is asked for: the proxy's, if any
         self.cells = {"dns": "-", "tcp": "-", "tls": "-" if origin.tls else "n/a", "answer": "-"}
 
     async def run(
         self, source: CredentialSource | None, ssl_context: ssl.SSLContext
     ) -> tuple[str, str]:
         loop = asyncio.get_running_loop()
-        host, port = self.origin.host, self.origin.port
+        # The way serve goes: to connect_to instead of the URL's host, through the egress
+        # proxy's CONNECT tunnel when there is one (DNS and TCP are then the proxy's).
+        host = self.origin.host
+        target = self.origin.connect_to or (host, self.origin.port)
+        proxy = self.origin.proxy
+        dial = (proxy.host, proxy.port) if proxy is not None else target
+        self.looked_up = dial[0]
         addresses = await self._step(
             "dns",
-            f"no DNS answer for {host}",
-            loop.getaddrinfo(host, port, type=socket.SOCK_STREAM),
+            f"no DNS answer for {dial[0]}",
+            loop.getaddrinfo(*dial, type=socket.SOCK_STREAM),
         )
         sock = await self._step(
             "tcp",
@@ -169,6 +176,21 @@ class _Probe:
                 addresses, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY, interleave=1
             ),
         )
+        if proxy is not None:
+            try:
+                await self._step(
+                    "tcp",
+                    f"no answer to CONNECT from egress proxy {proxy.url}",
+                    open_tunnel(loop, sock, proxy, *target),
+                )
+            except ConnectRefused as exc:
+                sock.close()
+                self.cells["tcp"] = "failed"
+                failure = proxy_failure(exc, self.origin, proxy, self.timeout, "tunnel")
+                raise _Stop(CONNECT_FAILED, str(failure)) from None
+            except BaseException:
+                sock.close()
+                raise
         try:
             reader, writer = await self._step(
                 "tls" if self.origin.tls else "tcp",
@@ -212,7 +234,7 @@ class _Probe:
 
     def _failure(self, step: str, exc: Exception) -> str:
         """The cause in words, and the next step."""
-        host = self.origin.host
+        host = self.looked_up
         if step == "dns":
             reason = getattr(exc, "strerror", None) or str(exc)
             return f"DNS lookup of {host} failed: {reason} (a typo in the url, or no network)"

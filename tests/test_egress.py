@@ -61,6 +61,18 @@ def with_credentials(url: str, password: str) -> str:
 # --------------------------------------------------------------------- the CONNECT proxy
 
 
+async def read_connect(reader: asyncio.StreamReader) -> tuple[str, dict[str, str]]:
+    """A CONNECT request's line and its headers (names lower-cased)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    first, *rest = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in rest:
+        if line:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+    return first, headers
+
+
 @dataclass
 class ConnectProxy:
     """A CONNECT-only HTTP proxy on 127.0.0.1. ``mode``: ``open`` (tunnels, asking for
@@ -94,13 +106,7 @@ class ConnectProxy:
             writer.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        first, *rest = head.decode("latin-1").split("\r\n")
-        headers = {}
-        for line in rest:
-            if line:
-                name, _, value = line.partition(":")
-                headers[name.strip().lower()] = value.strip()
+        first, headers = await read_connect(reader)
         self.lines.append(first)
         self.hosts.append(headers.get("host"))
         self.authorizations.append(headers.get("proxy-authorization"))
