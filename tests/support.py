@@ -5,10 +5,11 @@ targets byte for byte."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import hashlib
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -240,3 +241,34 @@ async def stop_process(
     code = await asyncio.wait_for(proc.wait(), 20)
     await asyncio.wait_for(asyncio.gather(*drains), 5)
     return code
+
+
+ConnectionHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def loopback_server(handle: ConnectionHandler) -> AsyncIterator[int]:
+    """``handle`` for each connection to a 127.0.0.1 port (yielded). At the end the
+    server closes, and so do its connections: their writers are closed and their
+    handlers cancelled, then awaited (at most 5 s)."""
+    writers: list[asyncio.StreamWriter] = []
+    tasks: list[asyncio.Task[None]] = []
+
+    async def tracked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        tasks.append(task)
+        writers.append(writer)
+        await handle(reader, writer)
+
+    server = await asyncio.start_server(tracked, "127.0.0.1", 0)
+    try:
+        yield int(server.sockets[0].getsockname()[1])
+    finally:
+        server.close()
+        for writer in writers:
+            writer.close()
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
+        await server.wait_closed()

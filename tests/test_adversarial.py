@@ -25,6 +25,7 @@ from .support import (
     FakeFunctionUrl,
     RawResponse,
     Recorded,
+    loopback_server,
     raw_request,
     read_response,
     verify_sigv4,
@@ -89,13 +90,8 @@ async def raw_upstream(
         finally:
             writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    up.port = server.sockets[0].getsockname()[1]
-    try:
+    async with loopback_server(handle) as up.port:
         yield up
-    finally:
-        server.close()
-        await server.wait_closed()
 
 
 async def exchange(port: int, data: bytes, *, idle: float = 1.0) -> bytes:

@@ -27,7 +27,7 @@ import pytest
 import trustme
 from aiohttp import web
 
-from .support import SESSION_TOKEN, Recorded, raw_request
+from .support import SESSION_TOKEN, Recorded, loopback_server, raw_request
 from .test_egress import (  # fixtures and helpers, reused
     CONNECT_LINE,
     FN,
@@ -62,28 +62,18 @@ Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]
 
 @contextlib.asynccontextmanager
 async def tcp_server(handler: Handler) -> AsyncIterator[int]:
-    """``handler`` on a 127.0.0.1 port (yielded); its tasks are cancelled at the end."""
-    tasks: set[asyncio.Task[None]] = set()
+    """``handler`` on a 127.0.0.1 port (yielded), its connection errors swallowed."""
 
-    async def wrapped(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        tasks.add(task)
+    async def quiet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             await handler(reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+        except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
             writer.close()
 
-    server = await asyncio.start_server(wrapped, "127.0.0.1", 0)
-    try:
-        yield int(server.sockets[0].getsockname()[1])
-    finally:
-        server.close()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    async with loopback_server(quiet) as port:
+        yield port
 
 
 def body_of(resp_body: bytes) -> dict[str, str]:

@@ -34,6 +34,7 @@ from .support import (
     FakeFunctionUrl,
     RawResponse,
     Recorded,
+    loopback_server,
     raw_request,
     read_response,
     verify_sigv4,
@@ -232,14 +233,8 @@ class KeepAliveUpstream:
 @contextlib.asynccontextmanager
 async def keepalive_upstream(script: Script = fresh) -> AsyncIterator[KeepAliveUpstream]:
     up = KeepAliveUpstream(script)
-    writers: list[asyncio.StreamWriter] = []
-    tasks: list[asyncio.Task[None]] = []
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        tasks.append(task)
-        writers.append(writer)
         conn = up.opened
         up.opened += 1
         n = 0
@@ -269,16 +264,8 @@ async def keepalive_upstream(script: Script = fresh) -> AsyncIterator[KeepAliveU
         finally:
             writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    up.port = server.sockets[0].getsockname()[1]
-    try:
+    async with loopback_server(handle) as up.port:
         yield up
-    finally:
-        server.close()
-        for writer in writers:
-            writer.close()
-        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
-        await server.wait_closed()
 
 
 async def second_fake(aiohttp_server: AiohttpServer) -> FakeFunctionUrl:

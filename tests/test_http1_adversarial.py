@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import one_upstream
-from .support import Recorded, verify_sigv4
+from .support import Recorded, loopback_server, verify_sigv4
 from .test_adversarial import to_recorded
 from .test_holes import (
     BEARER,
@@ -79,12 +79,8 @@ class Upstream:
 @contextlib.asynccontextmanager
 async def raw_upstream(answer: Answer = echo) -> AsyncIterator[Upstream]:
     up = Upstream(answer)
-    tasks: list[asyncio.Task[None]] = []
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        tasks.append(task)
         up.opened += 1
         try:
             while True:
@@ -103,16 +99,8 @@ async def raw_upstream(answer: Answer = echo) -> AsyncIterator[Upstream]:
             up.ended += 1
             writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    up.port = server.sockets[0].getsockname()[1]
-    try:
+    async with loopback_server(handle) as up.port:
         yield up
-    finally:
-        server.close()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await server.wait_closed()
 
 
 def config(port: int, extra: str = "") -> str:

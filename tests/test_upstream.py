@@ -47,7 +47,14 @@ from sigproxy.upstream import (
 )
 
 from .conftest import RunningProxy, StartProxy, one_upstream
-from .support import FakeFunctionUrl, RawResponse, Recorded, raw_request, verify_sigv4
+from .support import (
+    FakeFunctionUrl,
+    RawResponse,
+    Recorded,
+    loopback_server,
+    raw_request,
+    verify_sigv4,
+)
 
 AiohttpServer = Callable[..., Awaitable[TestServer]]
 ERRORS = "sigproxy_upstream_errors_total"
@@ -155,14 +162,8 @@ def ok_reply(conn: int, n: int) -> bytes:
 @contextlib.asynccontextmanager
 async def scripted_upstream(script: Script) -> AsyncIterator[ScriptedUpstream]:
     up = ScriptedUpstream(script)
-    writers: list[asyncio.StreamWriter] = []
-    tasks: list[asyncio.Task[None]] = []
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        tasks.append(task)
-        writers.append(writer)
         conn = up.connections
         up.connections += 1
         try:
@@ -190,16 +191,8 @@ async def scripted_upstream(script: Script) -> AsyncIterator[ScriptedUpstream]:
         finally:
             writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    up.port = server.sockets[0].getsockname()[1]
-    try:
+    async with loopback_server(handle) as up.port:
         yield up
-    finally:
-        server.close()
-        for writer in writers:
-            writer.close()
-        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
-        await server.wait_closed()
 
 
 # ------------------------------------------------------------------------------ HTTPS
