@@ -23,19 +23,12 @@ from sigproxy.credentials import CredentialSource
 from sigproxy.emulator.config import Cors, EmulatorConfig, FunctionConfig, build_emulator_config
 from sigproxy.emulator.events import MAX_RESPONSE_BYTES, MAX_STREAM_RESPONSE_BYTES
 from sigproxy.emulator.server import FunctionUrl
-from sigproxy.emulator.sigv4 import Caller
 
 from .conftest import StartProxy
 from .support import ACCESS_KEY, SECRET_KEY, SESSION_TOKEN
+from .test_emulator import CALLER
 
 REGION = "us-east-1"
-CALLER = Caller(
-    access_key_id=ACCESS_KEY,
-    secret_access_key=SECRET_KEY,
-    session_token=SESSION_TOKEN,
-    account_id="111122223333",
-    user_arn="arn:aws:iam::111122223333:user/example-user",
-)
 PACE = 0.1  # seconds between a test handler's chunks
 COUNT = 8
 

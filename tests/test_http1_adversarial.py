@@ -39,6 +39,7 @@ from .test_holes import (
     parse,
     recv_to_end,
     send,
+    talk,
     until,
 )
 from .test_process import Served, peak_rss_kib, serve_process, write
@@ -105,15 +106,6 @@ async def raw_upstream(answer: Answer = echo) -> AsyncIterator[Upstream]:
 
 def config(port: int, extra: str = "") -> str:
     return extra + one_upstream(port)
-
-
-async def talk(port: int, data: bytes, *, idle: float = 2.0) -> tuple[bytes, str]:
-    sock = await connect(port)
-    try:
-        await send(sock, data)
-        return await recv_to_end(sock, idle=idle)
-    finally:
-        sock.close()
 
 
 def statuses(data: bytes) -> list[int]:
