@@ -172,6 +172,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for warning in config_warnings(config):
         log.warning("%s", warning)
     try:
+        from .upstream import verify_context
+
+        verify_context()  # an unreadable AWS_CA_BUNDLE is said now, once, in one line
         if args.command == "check":
             return _check(config, args)
         return _serve(config, args.config, args)

@@ -2,13 +2,13 @@
 upstreams, whether its Function URL accepts the credentials, without running the function.
 
 Per upstream, each step bounded by :data:`STEP_TIMEOUT`: DNS, TCP connect, TLS (https
-URLs; verified against the system CAs or ``SSL_CERT_FILE`` as the transport does, SNI
-the URL host), then for ``aws_iam`` one ``GET`` of the URL's base path signed with the
-real access key and scope but a deliberately wrong signature. A Function URL with
-AuthType AWS_IAM refuses a wrong clock, access key or session token before it compares
-signatures (as the emulator's verifier does, in the service's order), so its refusal
-(read with :func:`sigproxy.diagnosis.classify`) tells which of them is wrong, and a
-signature mismatch means all of them are right. The function cannot run
+URLs; verified against the system CAs, ``SSL_CERT_FILE`` or ``AWS_CA_BUNDLE`` as the
+transport does, SNI the URL host), then for ``aws_iam`` one ``GET`` of the URL's base
+path signed with the real access key and scope but a deliberately wrong signature. A
+Function URL with AuthType AWS_IAM refuses a wrong clock, access key or session token
+before it compares signatures (as the emulator's verifier does, in the service's order),
+so its refusal (read with :func:`sigproxy.diagnosis.classify`) tells which of them is
+wrong, and a signature mismatch means all of them are right. The function cannot run
 unless the URL checks no signature at all (AuthType NONE), which is then the verdict.
 ``auth: none`` upstreams stop after TLS: any request would run the function.
 
@@ -47,7 +47,14 @@ from .errors import CredentialsUnavailable
 from .logs import printable
 from .routing import Origin, origin_of
 from .signing import EMPTY_SHA256, Signer
-from .upstream import HAPPY_EYEBALLS_DELAY, ConnectRefused, open_tunnel, proxy_failure, route_text
+from .upstream import (
+    HAPPY_EYEBALLS_DELAY,
+    ConnectRefused,
+    open_tunnel,
+    proxy_failure,
+    route_text,
+    verify_context,
+)
 
 STEP_TIMEOUT: Final = 5.0
 # A response head larger than this is not a Function URL's (Envoy's limit is 60 KiB).
@@ -105,7 +112,7 @@ async def probe_all(
     config: Config, store: CredentialStore, *, step_timeout: float = STEP_TIMEOUT
 ) -> list[ProbeResult]:
     """Probe every upstream of ``config`` at once; results in config order."""
-    ssl_context = ssl.create_default_context()
+    ssl_context = verify_context()
     return list(
         await asyncio.gather(
             *(
@@ -241,7 +248,7 @@ class _Probe:
         if isinstance(exc, ssl.SSLCertVerificationError):
             return (
                 f"certificate verify failed: {exc.verify_message} (for a private CA, point "
-                "SSL_CERT_FILE at its PEM bundle)"
+                "SSL_CERT_FILE or AWS_CA_BUNDLE at its PEM bundle)"
             )
         if isinstance(exc, ssl.SSLError):
             return f"TLS handshake with {self.where} failed: {exc.reason or exc}"

@@ -41,10 +41,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import os
 import re
 import socket
 import ssl
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, cast
 
 import aiohappyeyeballs
@@ -52,6 +53,7 @@ import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from .egress import EgressProxy
+from .errors import ConfigError
 from .logs import printable
 from .routing import Origin
 
@@ -169,7 +171,7 @@ def _translate(
         return TLSFailed(
             origin,
             f"certificate verify failed for {origin.host}{route}: {exc.verify_message} "
-            "(for a private CA, point SSL_CERT_FILE at its PEM bundle)",
+            "(for a private CA, point SSL_CERT_FILE or AWS_CA_BUNDLE at its PEM bundle)",
         )
     if isinstance(exc, ssl.SSLError):
         return TLSFailed(origin, f"TLS handshake with {where} failed: {exc.reason or exc}")
@@ -901,6 +903,25 @@ class _Pool:
             self.timer = self.loop.call_at(idle[0].idle_since + self.idle_timeout, self._expire)
 
 
+def verify_context(environ: Mapping[str, str] = os.environ) -> ssl.SSLContext:
+    """What upstream certificates are verified against: the system's CAs (with OpenSSL's
+    ``SSL_CERT_FILE`` and ``SSL_CERT_DIR``), and the bundle ``AWS_CA_BUNDLE`` names, as the
+    AWS CLI and SDKs read it behind a TLS-inspecting proxy. A bundle that can't be read
+    is a :class:`ConfigError`."""
+    context = ssl.create_default_context()
+    bundle = environ.get("AWS_CA_BUNDLE")
+    if bundle:
+        try:
+            context.load_verify_locations(cafile=bundle)
+        except (OSError, ssl.SSLError) as exc:
+            reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc)
+            raise ConfigError(
+                "AWS_CA_BUNDLE",
+                f"{bundle}: {reason}: point it at a PEM file of CA certificates, or unset it",
+            ) from None
+    return context
+
+
 class UpstreamClient:
     """One per proxy process: a pool of connections per origin."""
 
@@ -909,7 +930,7 @@ class UpstreamClient:
     ) -> None:
         """``resolve(host, port)`` gives the addresses to try, in order (default: the
         system resolver, as ``getaddrinfo`` orders them)."""
-        self._ssl = ssl_context if ssl_context is not None else ssl.create_default_context()
+        self._ssl = ssl_context if ssl_context is not None else verify_context()
         self._resolve = resolve if resolve is not None else _getaddrinfo
         self._pools: dict[Origin, _Pool] = {}
         self._closed = False

@@ -35,7 +35,7 @@ from sigproxy.upstream import ProxyFailed, UpstreamClient
 
 from .conftest import RunningProxy, StartProxy
 from .support import FakeFunctionUrl, RawResponse, raw_request, verify_sigv4
-from .test_process import creds_env, serve_process, write
+from .test_process import creds_env, run_cli, serve_process, write
 
 AiohttpServer = Callable[..., Awaitable[TestServer]]
 
@@ -655,3 +655,50 @@ async def test_a_401_from_the_proxy_with_credentials_says_to_check_them(
     )
     assert "wrong-never-LOGGED" not in json.dumps(body)
     assert function.fake.requests == []
+
+
+async def test_a_tls_inspecting_proxys_ca_is_trusted_through_aws_ca_bundle(
+    connect_proxy: StartConnectProxy, function: FunctionUrl, pem: str, tmp_path: Path
+) -> None:
+    """Behind a TLS-inspecting proxy, users of the AWS CLI already set AWS_CA_BUNDLE to
+    its CA: sigproxy reads it too (besides the system CAs), with no SSL_CERT_FILE."""
+    proxy = await connect_proxy(function.routes)
+    path = write(tmp_path, yaml(FN + "}", top=f"egress_proxy: {proxy.url}"))
+    env = process_env(pem, AWS_CA_BUNDLE=pem)
+    del env["SSL_CERT_FILE"]
+    async with serve_process(path, env=env) as served:
+        resp = await raw_request(served.port, "GET", "/bundle")
+        assert resp.status == 200, resp.body
+        assert_arrived_signed(function, "/bundle")
+        assert await served.stop() == 0
+    # Without either, the same upstream is a 502 naming both ways to trust the CA.
+    env.pop("AWS_CA_BUNDLE")
+    async with serve_process(path, env=env) as served:
+        resp = await raw_request(served.port, "GET", "/untrusted")
+        assert resp.status == 502, resp.body
+        error = json.loads(resp.body)
+        assert error["kind"] == "tls", error
+        assert "point SSL_CERT_FILE or AWS_CA_BUNDLE at its PEM bundle" in error["detail"]
+        assert await served.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("bundle", "says"),
+    [("missing.pem", "No such file or directory"), ("garbage.pem", "")],
+)
+def test_an_unreadable_aws_ca_bundle_is_one_line_and_exit_2(
+    tmp_path: Path, bundle: str, says: str
+) -> None:
+    (tmp_path / "garbage.pem").write_text("not a certificate\n")
+    path = write(tmp_path, yaml(FN + "}"))
+    env = process_env(str(tmp_path / "none.pem"), AWS_CA_BUNDLE=str(tmp_path / bundle))
+    del env["SSL_CERT_FILE"]
+    for command in ("serve", "check"):
+        result = run_cli(command, "--config", path, env=env)
+        assert result.returncode == 2, result.stderr
+        lines = [line for line in result.stderr.splitlines() if "error" in line]
+        assert len(lines) == 1, result.stderr
+        assert lines[0].startswith(f"sigproxy: error: AWS_CA_BUNDLE: {tmp_path / bundle}: ")
+        assert says in lines[0]
+        assert lines[0].endswith("point it at a PEM file of CA certificates, or unset it")
+        assert "Traceback" not in result.stderr

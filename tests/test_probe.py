@@ -326,14 +326,19 @@ async def test_https_with_an_untrusted_ca_is_tls_failed(
     assert "unable to get local issuer certificate" in row["MEANING"]
 
 
-async def test_https_trusted_through_ssl_cert_file(
-    aiohttp_server: Callable[..., Awaitable[TestServer]], tmp_path: Path, ca: trustme.CA
+@pytest.mark.parametrize("variable", ["SSL_CERT_FILE", "AWS_CA_BUNDLE"])
+async def test_https_trusted_through_ssl_cert_file_or_aws_ca_bundle(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    tmp_path: Path,
+    ca: trustme.CA,
+    variable: str,
 ) -> None:
     port = await tls_function_url(aiohttp_server, tmp_path, ca)
     pem = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(pem))
     env = creds_env()
-    env["SSL_CERT_FILE"] = str(pem)
+    env.pop("SSL_CERT_FILE", None)
+    env[variable] = str(pem)
     run = await probe(tmp_path, upstreams(iam("secure", f"https://localhost:{port}")), env)
     assert run.result.returncode == 0, run.result.stdout
     row = run.rows["secure"]
